@@ -1,0 +1,38 @@
+"""Default hyperparameters; every other config starts from these.
+
+Each key is documented in the README. Override any of them on the command line
+with ``--config.KEY=VALUE``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Data.
+  config.dataset = 'fashion_mnist'  # 'mnist' or 'fashion_mnist'
+  config.data_source = 'auto'  # 'auto' (local IDX files if found, else tfds), 'idx' or 'tfds'
+  config.data_dir = ''  # IDX folder (idx/auto) or tensorflow-datasets data_dir (tfds)
+  config.image_size = 96  # images are resized on device to image_size x image_size
+  config.train_examples = -1  # first N training examples only; -1 = all
+  config.eval_examples = -1  # first N test examples only; -1 = all
+  # Model.
+  config.aux_weight = 0.0  # > 0 adds GoogLeNet's two auxiliary heads to the training loss
+  config.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
+  # Optimisation (the reference recipe: plain SGD, lr 0.1, batch 128).
+  config.learning_rate = 0.1
+  config.momentum = 0.0
+  config.nesterov = False
+  config.batch_size = 128  # global batch, split across devices and processes
+  config.eval_batch_size = 0  # 0 = batch_size
+  config.num_epochs = 10
+  config.seed = 0
+  # Devices and hosts.
+  config.parallelism = 'auto'  # 'auto', 'none', 'pmap' or 'sharded'
+  config.distributed = False  # call jax.distributed.initialize() (multi-host)
+  config.coordinator_address = ''  # host:port; empty = let JAX detect the cluster
+  config.num_processes = 1
+  config.process_id = 0
+  # Output.
+  config.progress = True  # tqdm bar within an epoch (only on a terminal)
+  return config

@@ -1,0 +1,268 @@
+"""MNIST-family data: IDX files or tensorflow-datasets into memory, then batches.
+
+The whole dataset (70,000 28x28 uint8 images) fits in a few tens of MB, so it
+is read once into NumPy and batched by indexing. Images stay uint8 at their
+stored size; conversion to float and resizing happen on device, inside the
+jitted step, so the host does no per-image work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+DATASETS = ('mnist', 'fashion_mnist')
+SOURCES = ('auto', 'idx', 'tfds')
+NUM_CLASSES = 10
+
+# File stems of the four standard IDX files; each may also end in ".gz".
+IDX_FILES = {
+    'train_images': 'train-images-idx3-ubyte',
+    'train_labels': 'train-labels-idx1-ubyte',
+    'test_images': 't10k-images-idx3-ubyte',
+    'test_labels': 't10k-labels-idx1-ubyte',
+}
+# Folders where a copy may already be on disk: Debian's dataset package and
+# the layouts torchvision's MNIST / FashionMNIST classes download into.
+WELL_KNOWN_DIRS = {
+    'fashion_mnist': ('/usr/share/datasets/fashion-mnist',),
+    'mnist': ('/usr/share/datasets/mnist',),
+}
+TORCHVISION_SUBDIRS = {'mnist': 'MNIST/raw', 'fashion_mnist': 'FashionMNIST/raw'}
+IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+
+
+class DatasetError(Exception):
+  """A dataset that cannot be found or read; the message names the file and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  train_images: np.ndarray  # uint8 [N, H, W, C]
+  train_labels: np.ndarray  # int32 [N]
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  source: str  # human-readable: where the data came from
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.train_images.shape[1:])
+
+
+# ----------------------------------------------------------------------------- IDX
+
+
+def _read_bytes(path: Path) -> bytes:
+  try:
+    if path.suffix == '.gz':
+      with gzip.open(path, 'rb') as f:
+        return f.read()
+    return path.read_bytes()
+  except (OSError, EOFError, gzip.BadGzipFile) as e:
+    raise DatasetError(f'{path}: cannot be read ({e}); the file is damaged, '
+                       'download it again') from None
+
+
+def read_idx(path: str | os.PathLike, kind: str) -> np.ndarray:
+  """Reads one IDX file: ``kind='images'`` -> uint8 [N, rows, cols, 1], ``'labels'`` -> int32 [N].
+
+  Checks the magic number and that the file holds exactly the data its header
+  announces, so a truncated or swapped file fails here, naming the file.
+  """
+  path = Path(path)
+  data = _read_bytes(path)
+  magic, ndim = (IMAGES_MAGIC, 3) if kind == 'images' else (LABELS_MAGIC, 1)
+  header = 4 + 4 * ndim
+  if len(data) < header:
+    raise DatasetError(f'{path}: only {len(data)} bytes, too short for an IDX header; '
+                       'the file is truncated, download it again')
+  found = int.from_bytes(data[:4], 'big')
+  if found != magic:
+    raise DatasetError(f'{path}: magic number {found}, expected {magic} for IDX {kind}; '
+                       f'this is not an IDX {kind} file (wrong file, or files swapped?)')
+  dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim)]
+  expected = int(np.prod(dims))
+  if len(data) - header != expected:
+    raise DatasetError(f'{path}: header announces {dims} ({expected} bytes of data) but the '
+                       f'file holds {len(data) - header}; the file is truncated or damaged, '
+                       'download it again')
+  array = np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+  if kind == 'images':
+    return array[..., None]
+  return array.astype(np.int32)
+
+
+def find_idx_files(folder: str | os.PathLike, dataset: str) -> dict[str, Path] | None:
+  """The four IDX files in ``folder`` (or its torchvision ``<Name>/raw`` subfolder), else None.
+
+  A folder holding only some of the files is an error, naming the missing ones.
+  """
+  folder = Path(folder)
+  for candidate in (folder, folder / TORCHVISION_SUBDIRS[dataset]):
+    found, missing = {}, []
+    for key, stem in IDX_FILES.items():
+      for name in (stem, stem + '.gz'):
+        if (candidate / name).is_file():
+          found[key] = candidate / name
+          break
+      else:
+        missing.append(stem + '[.gz]')
+    if not missing:
+      return found
+    if found:
+      raise DatasetError(f'{candidate}: IDX files missing: {", ".join(missing)}; '
+                         'put all four standard files in that folder')
+  return None
+
+
+def load_idx(files: dict[str, Path]) -> Dataset:
+  arrays = {key: read_idx(path, key.split('_')[1]) for key, path in files.items()}
+  for split in ('train', 'test'):
+    images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
+    if len(images) != len(labels):
+      raise DatasetError(f'{files[f"{split}_images"]} holds {len(images)} images but '
+                         f'{files[f"{split}_labels"]} holds {len(labels)} labels; '
+                         'the two files are from different datasets or splits')
+    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+      raise DatasetError(f'{files[f"{split}_labels"]}: labels outside 0..{NUM_CLASSES - 1} '
+                         f'(found {labels.min()}..{labels.max()}); wrong or damaged file')
+  folder = files['train_images'].parent
+  return Dataset(arrays['train_images'], arrays['train_labels'], arrays['test_images'],
+                 arrays['test_labels'], source=f'idx files in {folder}')
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def load_tfds(dataset: str, data_dir: str | None) -> Dataset:
+  """Reads ``dataset`` through ``tfds.data_source``, downloading and preparing it if needed.
+
+  Reading a prepared copy needs no TensorFlow; downloading and preparing does
+  (the ``tfds`` extra installs ``tensorflow-cpu``).
+  """
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise DatasetError('tensorflow-datasets is not installed: pip install tensorflow-datasets, '
+                       'or use --config.data_source=idx with local IDX files') from None
+  builder = tfds.builder(dataset, data_dir=data_dir or None)
+  if not builder.is_prepared():
+    try:
+      import tensorflow  # noqa: F401  (tfds needs it to download and prepare)
+    except ImportError:
+      raise DatasetError(
+          f'{dataset} is not prepared in {builder.data_dir} and preparing it needs TensorFlow: '
+          "pip install 'gnet-jax[tfds]' (adds tensorflow-cpu), or point "
+          '--config.data_dir at a folder with the four IDX files') from None
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # network errors come in many types; name them all the same way
+      raise DatasetError(f'could not download {dataset} with tensorflow-datasets ({e}); '
+                         'check the internet connection, or point --config.data_dir at '
+                         'a folder with the four IDX files') from None
+  arrays = {}
+  for split in ('train', 'test'):
+    source = builder.as_data_source(split=split)
+    records = source[list(range(len(source)))] if len(source) else []
+    images = np.stack([np.asarray(r['image'], np.uint8) for r in records]) if records else (
+        np.zeros((0, 28, 28, 1), np.uint8))
+    labels = np.asarray([int(r['label']) for r in records], np.int32)
+    arrays[split] = (images.reshape(images.shape[:3] + (-1,)), labels)
+  return Dataset(*arrays['train'], *arrays['test'],
+                 source=f'tensorflow-datasets {dataset} in {builder.data_dir}')
+
+
+# ----------------------------------------------------------------------------- choice
+
+
+def load_dataset(dataset: str, data_source: str = 'auto', data_dir: str | None = None,
+                 train_examples: int = -1, eval_examples: int = -1) -> Dataset:
+  """Loads ``dataset`` from the source the config names; ``auto`` prefers local IDX files."""
+  if dataset not in DATASETS:
+    raise DatasetError(f'unknown dataset {dataset!r}; choose one of {", ".join(DATASETS)}')
+  if data_source not in SOURCES:
+    raise DatasetError(f'unknown data_source {data_source!r}; choose one of {", ".join(SOURCES)}')
+  data_dir = data_dir or None
+  if data_source in ('idx', 'auto'):
+    if data_dir and data_source == 'idx' and not Path(data_dir).is_dir():
+      raise DatasetError(f'data_dir {data_dir} does not exist; set --config.data_dir to the '
+                         'folder holding the four IDX files')
+    folders = [data_dir] if data_dir else []
+    if data_source == 'auto' or not data_dir:
+      folders += list(WELL_KNOWN_DIRS[dataset])
+    files = next((f for d in folders if d and Path(d).is_dir()
+                  for f in [find_idx_files(d, dataset)] if f), None)
+    if files is None and data_source == 'idx':
+      hint = (' (apt-get install dataset-fashion-mnist puts Fashion-MNIST in '
+              '/usr/share/datasets/fashion-mnist)') if dataset == 'fashion_mnist' else ''
+      raise DatasetError(f'no IDX files for {dataset} in {", ".join(map(str, folders))}; '
+                         f'put train-images-idx3-ubyte[.gz] and its three siblings in '
+                         f'--config.data_dir{hint}')
+    data = load_idx(files) if files else None
+  else:
+    data = None
+  if data is None:
+    data = load_tfds(dataset, data_dir if data_source == 'tfds' else None)
+  if train_examples >= 0 or eval_examples >= 0:
+    data = subset(data, train_examples, eval_examples)
+  logging.info('dataset %s: %d train / %d test examples of shape %s from %s', dataset,
+               len(data.train_labels), len(data.test_labels), data.image_shape, data.source)
+  return data
+
+
+def subset(data: Dataset, train_examples: int, eval_examples: int) -> Dataset:
+  """The first ``train_examples`` / ``eval_examples`` of each split (-1 keeps all)."""
+  tr = slice(None) if train_examples < 0 else slice(train_examples)
+  te = slice(None) if eval_examples < 0 else slice(eval_examples)
+  return dataclasses.replace(
+      data, train_images=data.train_images[tr], train_labels=data.train_labels[tr],
+      test_images=data.test_images[te], test_labels=data.test_labels[te])
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The training order of ``epoch``: a function of seed and epoch only."""
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  return num_examples // batch_size  # the last partial batch is dropped
+
+
+def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
+                  epoch: int, start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Global batches of ``epoch`` from ``start_step`` on; this process's share of each.
+
+  The global batch is the same whatever the process count; process ``i`` gets
+  rows ``[i * B / P, (i + 1) * B / P)`` of it.
+  """
+  order = epoch_permutation(seed, epoch, len(labels))
+  local = batch_size // process_count
+  for step in range(start_step, steps_per_epoch(len(labels), batch_size)):
+    idx = order[step * batch_size:(step + 1) * batch_size]
+    idx = idx[process_index * local:(process_index + 1) * local]
+    yield {'image': images[idx], 'label': labels[idx]}
+
+
+def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
+                 process_index: int = 0, process_count: int = 1
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """The whole split in order, the last batch zero-padded; ``mask`` marks real examples."""
+  local = batch_size // process_count
+  n = len(labels)
+  for start in range(0, n, batch_size):
+    rows = np.arange(start + process_index * local, start + (process_index + 1) * local)
+    valid = rows < n
+    rows = np.where(valid, rows, 0)
+    yield {'image': np.where(valid[:, None, None, None], images[rows], 0).astype(np.uint8),
+           'label': np.where(valid, labels[rows], 0).astype(np.int32),
+           'mask': valid}

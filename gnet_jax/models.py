@@ -1,0 +1,251 @@
+"""GoogLeNet (the compact Inception network of *Dive into Deep Learning*) in Flax linen.
+
+Layout is NHWC throughout. Every Conv and Dense kernel is Xavier-uniform
+initialised, as the original does with ``nn.init.xavier_uniform_``; biases start
+at zero. (PyTorch's own default bias init is uniform in +-1/sqrt(fan_in), so a
+freshly built PyTorch model differs from ours in its biases unless they are
+copied over, e.g. with ``gnet_jax.interop``.)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+Dtype = Any
+
+xavier_uniform = nn.initializers.xavier_uniform()
+
+# (c1, (c2_reduce, c2), (c3_reduce, c3), c4) of each Inception block, per stage.
+B3_BLOCKS = ((64, (96, 128), (16, 32), 32), (128, (128, 192), (32, 96), 64))
+B4_BLOCKS = (
+    (192, (96, 208), (16, 48), 64),
+    (160, (112, 224), (24, 64), 64),
+    (128, (128, 256), (24, 64), 64),
+    (112, (144, 288), (32, 64), 64),
+    (256, (160, 320), (32, 128), 128),
+)
+B5_BLOCKS = ((256, (160, 320), (32, 128), 128), (384, (192, 384), (48, 128), 128))
+# Inception blocks of b4 (1-based) whose outputs feed the auxiliary heads.
+AUX_TAPS = (1, 4)
+
+
+def max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
+  """3x3 max-pool with padding 1, as ``nn.MaxPool2d(3, stride, padding=1)``.
+
+  ``lax.reduce_window`` pads with the init value (-inf), so padding never wins
+  the max, matching PyTorch.
+  """
+  return nn.max_pool(x, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))
+
+
+def conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1) -> nn.Conv:
+  pad = kernel // 2
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      kernel_init=xavier_uniform,
+      bias_init=nn.initializers.zeros,
+      dtype=dtype,
+      name=name,
+  )
+
+
+class Inception(nn.Module):
+  """Four parallel branches over one input, concatenated on the channel axis.
+
+  Conv names follow the d2l PyTorch module (``p1_1``, ``p2_1``, ``p2_2``,
+  ``p3_1``, ``p3_2``, ``p4_2``) so weights map one to one.
+  """
+
+  c1: int
+  c2: tuple[int, int]
+  c3: tuple[int, int]
+  c4: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = self.dtype
+    p1 = nn.relu(conv(self.c1, 1, 'p1_1', d)(x))
+    p2 = nn.relu(conv(self.c2[0], 1, 'p2_1', d)(x))
+    p2 = nn.relu(conv(self.c2[1], 3, 'p2_2', d)(p2))
+    p3 = nn.relu(conv(self.c3[0], 1, 'p3_1', d)(x))
+    p3 = nn.relu(conv(self.c3[1], 5, 'p3_2', d)(p3))
+    p4 = nn.relu(conv(self.c4, 1, 'p4_2', d)(max_pool_3x3(x, 1)))
+    return jnp.concatenate([p1, p2, p3, p4], axis=-1)
+
+
+class Stem(nn.Module):
+  """Stages b1 and b2: plain convolutions and pooling before the Inception stages."""
+
+  stage: int  # 1 or 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.stage == 1:
+      x = nn.relu(conv(64, 7, 'conv', self.dtype, stride=2)(x))
+    else:
+      x = nn.relu(conv(64, 1, 'conv1', self.dtype)(x))
+      x = nn.relu(conv(192, 3, 'conv2', self.dtype)(x))
+    return max_pool_3x3(x, 2)
+
+
+class InceptionStage(nn.Module):
+  """A run of Inception blocks, then either a stride-2 max-pool or global average pool.
+
+  Returns the stage output and the outputs of the blocks listed in ``taps``
+  (for the auxiliary heads).
+  """
+
+  blocks: Sequence[tuple]
+  final: str  # 'max_pool' or 'global_avg_pool'
+  taps: Sequence[int] = ()
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+    tapped = []
+    for i, (c1, c2, c3, c4) in enumerate(self.blocks, start=1):
+      x = Inception(c1, c2, c3, c4, dtype=self.dtype, name=f'inception{i}')(x)
+      if i in self.taps:
+        tapped.append(x)
+    if self.final == 'max_pool':
+      x = max_pool_3x3(x, 2)
+    else:
+      x = jnp.mean(x, axis=(1, 2))
+    return x, tapped
+
+
+def adaptive_avg_pool(x: jax.Array, out: int) -> jax.Array:
+  """``nn.AdaptiveAvgPool2d(out)`` for NHWC: averages over the same bins PyTorch uses.
+
+  Written by hand because Flax has no adaptive pool; bins are
+  [floor(i*H/out), ceil((i+1)*H/out)), so inputs smaller than ``out`` work too.
+  """
+  def pool_axis(x, axis):
+    size = x.shape[axis]
+    parts = []
+    for i in range(out):
+      lo, hi = (i * size) // out, -((-(i + 1) * size) // out)
+      parts.append(jnp.mean(jax.lax.slice_in_dim(x, lo, hi, axis=axis), axis=axis, keepdims=True))
+    return jnp.concatenate(parts, axis=axis)
+
+  return pool_axis(pool_axis(x, 1), 2)
+
+
+class AuxHead(nn.Module):
+  """Auxiliary classifier of the original GoogLeNet (used only in training).
+
+  Dropout masks are drawn per example from ``example_keys`` rather than from a
+  module RNG stream, so the mask an example gets does not depend on how the
+  batch is split across devices.
+  """
+
+  num_classes: int
+  dropout_rate: float = 0.7
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, example_keys: jax.Array | None) -> jax.Array:
+    x = adaptive_avg_pool(x, 4)
+    x = nn.relu(conv(128, 1, 'conv', self.dtype)(x))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(1024, kernel_init=xavier_uniform, dtype=self.dtype, name='fc1')(x))
+    if example_keys is not None and self.dropout_rate > 0:
+      keep = 1.0 - self.dropout_rate
+      mask = jax.vmap(lambda k: jax.random.bernoulli(k, keep, x.shape[1:]))(example_keys)
+      x = jnp.where(mask, x / keep, 0).astype(x.dtype)
+    return nn.Dense(self.num_classes, kernel_init=xavier_uniform, dtype=self.dtype, name='fc2')(x)
+
+
+class GoogLeNet(nn.Module):
+  """The d2l GoogLeNet: b1..b5 then a Dense classifier.
+
+  ``aux_heads=True`` adds the two auxiliary classifiers (on b4's first and fourth
+  Inception outputs); they only exist in the parameter tree when enabled and
+  are only computed when ``train=True``.
+  """
+
+  num_classes: int = 10
+  aux_heads: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False,
+               example_keys: jax.Array | None = None):
+    """Returns logits, or ``(logits, [aux1, aux2])`` when training with aux heads."""
+    d = self.dtype
+    x = x.astype(d)
+    x = Stem(1, dtype=d, name='b1')(x)
+    x = Stem(2, dtype=d, name='b2')(x)
+    x, _ = InceptionStage(B3_BLOCKS, 'max_pool', dtype=d, name='b3')(x)
+    x, taps = InceptionStage(B4_BLOCKS, 'max_pool', taps=AUX_TAPS if self.aux_heads else (),
+                             dtype=d, name='b4')(x)
+    x, _ = InceptionStage(B5_BLOCKS, 'global_avg_pool', dtype=d, name='b5')(x)
+    logits = nn.Dense(self.num_classes, kernel_init=xavier_uniform, dtype=d, name='head')(x)
+    logits = logits.astype(jnp.float32)
+    if not self.aux_heads:
+      return logits
+    heads = [AuxHead(self.num_classes, dtype=d, name=f'aux{i}') for i in (1, 2)]
+    if not train and not self.is_initializing():
+      return logits
+    keys = [None, None] if example_keys is None else [
+        jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(example_keys) for i in (1, 2)]
+    aux = [h(t, k).astype(jnp.float32) for h, t, k in zip(heads, taps, keys)]
+    return logits, aux
+
+
+def _xavier_uniform_np(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+  """Xavier/Glorot uniform for an HWIO conv or (in, out) dense kernel.
+
+  Sampled with NumPy on purpose: compiling threefry sampling for ~130 leaves
+  costs 15-25 s on a small CPU, this costs well under a second. Same bound
+  as ``nn.initializers.xavier_uniform`` and PyTorch's ``xavier_uniform_``.
+  """
+  receptive = int(np.prod(shape[:-2]))
+  fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+  bound = np.sqrt(6.0 / (fan_in + fan_out))
+  return rng.uniform(-bound, bound, size=shape).astype(np.float32)
+
+
+def init_params(model: GoogLeNet, seed: int, image_shape: Sequence[int]) -> dict:
+  """Xavier-uniform kernels and zero biases for ``model`` at ``image_shape`` (H, W, C).
+
+  Same distributions as ``model.init``, but without tracing the forward pass
+  for values: shapes come from ``jax.eval_shape``. Each leaf gets its own NumPy
+  generator seeded by ``(seed, leaf index)``, so the result depends only on the
+  seed, never on the device count or backend. Returns host (NumPy) arrays.
+  """
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), x)['params']
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  values = []
+  for index, (path, leaf) in enumerate(leaves):
+    name = getattr(path[-1], 'key', str(path[-1]))
+    if name == 'kernel':
+      values.append(_xavier_uniform_np(np.random.default_rng([seed, index]), leaf.shape))
+    elif name == 'bias':
+      values.append(np.zeros(leaf.shape, np.float32))
+    else:
+      raise ValueError(f'no initializer for parameter {jax.tree_util.keystr(path)}')
+  return treedef.unflatten(values)
+
+
+def count_params(params) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def summary(model: GoogLeNet, image_shape: Sequence[int]) -> str:
+  """A per-stage table of output shapes, parameters and FLOPs (``nn.tabulate``)."""
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  tab = nn.tabulate(model, jax.random.key(0), depth=1, compute_flops=True,
+                    console_kwargs={'width': 140, 'force_terminal': False})
+  return tab(x)
