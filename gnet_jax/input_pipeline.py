@@ -152,7 +152,12 @@ def load_tfds(dataset: str, data_dir: str | None) -> Dataset:
     raise DatasetError('tensorflow-datasets is not installed: pip install tensorflow-datasets, '
                        'or use --config.data_source=idx with local IDX files') from None
   builder = tfds.builder(dataset, data_dir=data_dir or None)
-  if not builder.is_prepared():
+  try:  # a prepared copy (or tfds.testing.mock_data) reads without TensorFlow
+    sources = {split: tfds.data_source(dataset, split=split, data_dir=data_dir or None,
+                                       download=False) for split in ('train', 'test')}
+  except Exception:  # not prepared: tfds raises assorted types here
+    sources = None
+  if sources is None:
     try:
       import tensorflow  # noqa: F401  (tfds needs it to download and prepare)
     except ImportError:
@@ -166,10 +171,11 @@ def load_tfds(dataset: str, data_dir: str | None) -> Dataset:
       raise DatasetError(f'could not download {dataset} with tensorflow-datasets ({e}); '
                          'check the internet connection, or point --config.data_dir at '
                          'a folder with the four IDX files') from None
+    sources = {split: builder.as_data_source(split=split) for split in ('train', 'test')}
   arrays = {}
   for split in ('train', 'test'):
-    source = builder.as_data_source(split=split)
-    records = source[list(range(len(source)))] if len(source) else []
+    source = sources[split]
+    records = [source[i] for i in range(len(source))]
     images = np.stack([np.asarray(r['image'], np.uint8) for r in records]) if records else (
         np.zeros((0, 28, 28, 1), np.uint8))
     labels = np.asarray([int(r['label']) for r in records], np.int32)

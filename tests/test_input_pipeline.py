@@ -1,0 +1,148 @@
+"""IDX and tfds reading, validation errors, and batch order."""
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_images, write_idx, write_idx_dataset
+from gnet_jax import input_pipeline as ip
+
+
+@pytest.mark.parametrize('compress', [True, False])
+def test_read_idx_round_trip(tmp_path, compress):
+  images, labels = make_images(5, seed=3)
+  img = ip.read_idx(write_idx(tmp_path / 'a-images', images, compress), 'images')
+  lab = ip.read_idx(write_idx(tmp_path / 'a-labels', labels, compress), 'labels')
+  assert img.shape == (5, 28, 28, 1) and img.dtype == np.uint8
+  np.testing.assert_array_equal(img[..., 0], images)
+  assert lab.dtype == np.int32
+  np.testing.assert_array_equal(lab, labels)
+
+
+def test_load_dataset_from_gz_and_raw_folders(tmp_path):
+  gz = ip.load_dataset('mnist', 'idx', str(write_idx_dataset(tmp_path / 'gz', 30, 10)))
+  raw = ip.load_dataset('mnist', 'idx', str(write_idx_dataset(tmp_path / 'raw', 30, 10, False)))
+  assert gz.train_images.shape == (30, 28, 28, 1) and gz.test_labels.shape == (10,)
+  np.testing.assert_array_equal(gz.train_images, raw.train_images)
+  np.testing.assert_array_equal(gz.test_labels, raw.test_labels)
+  assert 'idx files in' in gz.source
+
+
+def test_torchvision_layout(tmp_path):
+  write_idx_dataset(tmp_path / 'FashionMNIST' / 'raw', 20, 10, compress=False)
+  data = ip.load_dataset('fashion_mnist', 'idx', str(tmp_path))
+  assert len(data.train_labels) == 20
+  assert data.source.endswith('FashionMNIST/raw')
+
+
+def test_subset(idx_dir):
+  data = ip.load_dataset('mnist', 'idx', str(idx_dir), train_examples=17, eval_examples=5)
+  assert (len(data.train_labels), len(data.test_labels)) == (17, 5)
+
+
+def _broken_copy(idx_dir: Path, tmp_path: Path) -> Path:
+  return Path(shutil.copytree(idx_dir, tmp_path / 'broken'))
+
+
+def _rewrite(path: Path, change) -> None:
+  data = gzip.decompress(path.read_bytes())
+  path.write_bytes(gzip.compress(change(data)))
+
+
+@pytest.mark.parametrize('case, expected', [
+    ('missing_file', 'IDX files missing: t10k-labels-idx1-ubyte'),
+    ('truncated', 'truncated'),
+    ('bad_gzip', 'cannot be read'),
+    ('wrong_magic', 'magic number 2049, expected 2051'),
+    ('count_mismatch', 'holds 96 images but'),
+    ('label_range', 'labels outside 0..9'),
+])
+def test_bad_files_give_clear_errors(idx_dir, tmp_path, case, expected):
+  folder = _broken_copy(idx_dir, tmp_path)
+  images = folder / 'train-images-idx3-ubyte.gz'
+  labels = folder / 'train-labels-idx1-ubyte.gz'
+  if case == 'missing_file':
+    (folder / 't10k-labels-idx1-ubyte.gz').unlink()
+  elif case == 'truncated':
+    _rewrite(images, lambda d: d[:-100])
+  elif case == 'bad_gzip':
+    images.write_bytes(images.read_bytes()[:50])
+  elif case == 'wrong_magic':
+    shutil.copy(labels, images)
+  elif case == 'count_mismatch':
+    _rewrite(labels, lambda d: d[:4] + (95).to_bytes(4, 'big') + d[8:-1])
+  elif case == 'label_range':
+    _rewrite(labels, lambda d: d[:-1] + bytes([12]))
+  with pytest.raises(ip.DatasetError, match=expected) as info:
+    ip.load_dataset('mnist', 'idx', str(folder))
+  message = str(info.value)
+  assert '\n' not in message
+  if case != 'missing_file':
+    assert str(folder) in message  # names the file
+
+
+def test_missing_folder_and_unknown_names(tmp_path):
+  with pytest.raises(ip.DatasetError, match='does not exist'):
+    ip.load_dataset('mnist', 'idx', str(tmp_path / 'nowhere'))
+  with pytest.raises(ip.DatasetError, match='no IDX files for mnist'):
+    ip.load_dataset('mnist', 'idx', str(tmp_path))
+  with pytest.raises(ip.DatasetError, match='unknown dataset'):
+    ip.load_dataset('cifar10')
+  with pytest.raises(ip.DatasetError, match='unknown data_source'):
+    ip.load_dataset('mnist', 'web')
+
+
+def test_auto_prefers_idx_in_data_dir(idx_dir):
+  data = ip.load_dataset('mnist', 'auto', str(idx_dir))
+  assert str(idx_dir) in data.source
+
+
+def test_tfds_source_under_mock_data():
+  tfds = pytest.importorskip('tensorflow_datasets')
+  with tfds.testing.mock_data(num_examples=12):
+    data = ip.load_dataset('fashion_mnist', 'tfds')
+  assert data.train_images.shape == (12, 28, 28, 1)
+  assert data.train_images.dtype == np.uint8
+  assert data.test_labels.dtype == np.int32
+  assert 0 <= data.train_labels.min() and data.train_labels.max() < 10
+  assert 'tensorflow-datasets' in data.source
+
+
+def test_epoch_permutations_deterministic_and_distinct():
+  a0, a1 = ip.epoch_permutation(0, 0, 100), ip.epoch_permutation(0, 1, 100)
+  np.testing.assert_array_equal(a0, ip.epoch_permutation(0, 0, 100))
+  assert not np.array_equal(a0, a1)
+  assert not np.array_equal(a0, ip.epoch_permutation(1, 0, 100))
+  np.testing.assert_array_equal(np.sort(a1), np.arange(100))
+
+
+def test_train_batches_drop_last_resume_and_process_slices():
+  images, labels = make_images(50, seed=0)
+  images = images[..., None]
+  full = list(ip.train_batches(images, labels, 16, seed=0, epoch=2))
+  assert len(full) == 3 == ip.steps_per_epoch(50, 16)
+  assert all(b['image'].shape == (16, 28, 28, 1) for b in full)
+  order = ip.epoch_permutation(0, 2, 50)
+  np.testing.assert_array_equal(full[1]['label'], labels[order[16:32]])
+  resumed = list(ip.train_batches(images, labels, 16, seed=0, epoch=2, start_step=2))
+  np.testing.assert_array_equal(resumed[0]['image'], full[2]['image'])
+  halves = [list(ip.train_batches(images, labels, 16, 0, 2, process_index=i, process_count=2))
+            for i in range(2)]
+  for step in range(3):
+    joined = np.concatenate([halves[0][step]['label'], halves[1][step]['label']])
+    np.testing.assert_array_equal(joined, full[step]['label'])
+
+
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_eval_batches_cover_every_example_once(process_count):
+  images, labels = make_images(37, seed=0)
+  images = images[..., None]
+  seen = []
+  for p in range(process_count):
+    for batch in ip.eval_batches(images, labels, 8, p, process_count):
+      assert batch['image'].shape == (8 // process_count, 28, 28, 1)
+      seen.extend(batch['label'][batch['mask']].tolist())
+  assert sorted(seen) == sorted(labels.tolist())
