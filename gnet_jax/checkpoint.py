@@ -1,0 +1,264 @@
+"""Orbax checkpoints of the whole train state: open, save, restore with fallback, config check.
+
+A checkpoint lives in ``<workdir>/checkpoints/<step>/`` and holds two items:
+``state`` (the ``TrainState`` as host NumPy arrays, one replica) and ``config``
+(the config that produced it, as JSON). Saving one unreplicated host copy makes
+checkpoints layout-free: a state saved under ``pmap`` or ``sharded`` on N
+devices restores on one device and vice versa, because restoring reads plain
+arrays whose shapes and dtypes come from the target and the current runner then
+places them (``runner.put_state``).
+
+The data position needs no storage of its own: it follows from ``state.step``
+(epoch = step // steps_per_epoch, position = step % steps_per_epoch), and the
+epoch's running metric sums travel in ``state.metrics``.
+
+Damaged checkpoints (missing, truncated or zeroed files) are skipped with a
+warning, newest first; nothing here ever deletes one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = 'checkpoints'
+ITEMS = ('state', 'config')
+
+# Config keys that may change between a checkpoint and the run resuming from it:
+# how long to train, how to report, how to checkpoint, where the data folder is
+# and how the work is spread over devices and hosts. Every other key shapes the
+# model, the data, the optimizer or the order of examples, so a change would
+# silently break exact resumption; such a resume is refused.
+RESUMABLE_CHANGES = frozenset({
+    'num_epochs', 'progress', 'checkpoint_every_steps', 'max_checkpoints',
+    'eval_batch_size', 'data_dir', 'parallelism', 'distributed', 'coordinator_address',
+    'num_processes', 'process_id',
+})
+
+
+class CheckpointError(Exception):
+  """No usable checkpoint, or one that does not fit the config; the message says what to do."""
+
+
+def checkpoint_dir(workdir: str | Path) -> Path:
+  return Path(workdir).absolute() / CHECKPOINT_DIR
+
+
+def open_manager(workdir: str | Path, max_to_keep: int = 3, keep_steps: Sequence[int] = (),
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  """The ``CheckpointManager`` of ``workdir`` (saves asynchronously).
+
+  ``max_to_keep`` newest checkpoints are kept (0 = all); ``keep_steps`` are
+  never removed by the manager (used for damaged checkpoints that must survive
+  until a newer good one exists). Leftover half-written temporary folders are
+  left alone (``cleanup_tmp_directories`` stays off) so nothing is deleted
+  behind the user's back. ``read_only`` only skips creating the folder: orbax's
+  own read-only mode logs warnings on every open, and readers never call save.
+  """
+  policy = ocp.checkpoint_managers.LatestN(max_to_keep or None)
+  if keep_steps:
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+        [policy, ocp.checkpoint_managers.CustomSteps(list(keep_steps))])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, enable_async_checkpointing=True, create=not read_only,
+      cleanup_tmp_directories=False)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+def host_tree(tree: Any) -> Any:
+  """Every leaf as a NumPy array (0-d arrays, not NumPy scalars, which orbax rejects)."""
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def config_dict(config: ml_collections.ConfigDict | dict) -> dict:
+  if isinstance(config, ml_collections.ConfigDict):
+    return json.loads(config.to_json())
+  return dict(config)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         config: ml_collections.ConfigDict | dict) -> None:
+  """Starts saving ``state`` (one unreplicated replica, host or device) at ``step``.
+
+  Returns once the data is copied; writing goes on in the background. Call
+  ``manager.wait_until_finished()`` before relying on it.
+  """
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(host_tree(state)),
+      config=ocp.args.JsonSave(config_dict(config))), force=True)
+
+
+def config_differences(saved: dict, config: ml_collections.ConfigDict | dict) -> list[str]:
+  """Keys whose value differs between ``saved`` and ``config`` and may not change on resume."""
+  current = config_dict(config)
+  keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
+  missing = object()
+  return [k for k in keys if saved.get(k, missing) != current.get(k, missing)]
+
+
+def _reason(error: BaseException) -> str:
+  """A one-line reason from orbax/tensorstore errors, which are often pages long."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  text = lines[0] if lines else ''
+  if len(text) > 200:
+    text = text[:197] + '...'
+  return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+def warn(message: str) -> None:
+  logging.warning(message)
+  print(f'warning: {message}', file=sys.stderr, flush=True)
+
+
+def read_config(manager: ocp.CheckpointManager, step: int) -> dict:
+  return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
+def restore(manager: ocp.CheckpointManager, target: Any,
+            config: ml_collections.ConfigDict | dict | None = None,
+            step: int | None = None) -> tuple[Any, dict, int, list[int]] | None:
+  """Restores the newest readable checkpoint (or exactly ``step``) into ``target``'s structure.
+
+  ``target`` is a host state (NumPy leaves) giving structure, shapes and dtypes;
+  the result is on the host, ready for ``runner.put_state``. With ``config``,
+  the checkpoint's config must agree on every key outside ``RESUMABLE_CHANGES``.
+
+  Returns ``(state, saved_config, step, damaged_steps)``, or None when there is
+  no checkpoint at all. Unreadable checkpoints newer than the one restored are
+  reported with a warning and listed in ``damaged_steps``; if none is readable,
+  raises ``CheckpointError`` (nothing is deleted either way).
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  where = manager.directory
+  if step is not None:
+    if step not in steps:
+      raise CheckpointError(f'no checkpoint for step {step} in {where}; available steps: '
+                            f'{", ".join(map(str, sorted(steps))) or "none"}')
+    steps = [step]
+  if not steps:
+    return None
+  target = host_tree(target)
+  damaged = []
+  for s in steps:
+    # Orbax reports damage through many exception types (ValueError, FileNotFoundError,
+    # tensorstore and JSON errors, ...); any failure to read means "try the next one".
+    try:
+      saved_config = read_config(manager, s)
+    except Exception as e:  # pylint: disable=broad-except
+      damaged.append(s)
+      warn(f'checkpoint at step {s} in {where} cannot be read ({_reason(e)}); '
+           'trying the next older one')
+      continue
+    if config is not None:
+      diff = config_differences(saved_config, config)
+      if diff:
+        current = config_dict(config)
+        detail = ', '.join(f'{k}: {saved_config.get(k, "<unset>")!r} in checkpoint, '
+                           f'{current.get(k, "<unset>")!r} now' for k in diff)
+        raise CheckpointError(
+            f'the checkpoint at step {s} in {where} was made with a different config '
+            f'({detail}); resume with the same values, or use a new --workdir')
+    try:
+      restored = manager.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target))).state
+      if int(restored.step) != s:
+        raise ValueError(f'state says step {int(restored.step)}')
+    except Exception as e:  # pylint: disable=broad-except
+      damaged.append(s)
+      warn(f'checkpoint at step {s} in {where} cannot be read ({_reason(e)}); '
+           'trying the next older one')
+      continue
+    if damaged:
+      warn(f'restored the checkpoint at step {s} instead; the unreadable one(s) at step(s) '
+           f'{", ".join(map(str, damaged))} are kept until newer checkpoints replace them')
+    return restored, saved_config, s, damaged
+  raise CheckpointError(
+      f'no readable checkpoint in {where} (tried step(s) {", ".join(map(str, steps))}; '
+      'see the warnings above); nothing was deleted: move the folder away to start afresh')
+
+
+def _target_for(config: ml_collections.ConfigDict) -> Any:
+  """A fresh host state with the structure ``config``'s model and optimizer produce."""
+  from gnet_jax import train  # late import: train imports this module
+
+  model, tx = train.make_model(config), train.make_optimizer(config)
+  return train.create_train_state(config, (config.image_size, config.image_size, 1), model, tx)
+
+
+def save_state(workdir: str | Path, state: Any, config: ml_collections.ConfigDict) -> Path:
+  """Writes ``state`` (e.g. imported weights) as a checkpoint plus ``config.json`` in ``workdir``.
+
+  ``train.py`` with the same workdir and config then continues from it (a
+  step-0 state fine-tunes from the start), and ``gnet_jax.evaluate`` evaluates
+  it. Refuses a workdir that already has checkpoints. Returns the step folder.
+  """
+  workdir = Path(workdir)
+  steps = _existing_steps(workdir)
+  if steps:
+    raise CheckpointError(f'{checkpoint_dir(workdir)} already holds checkpoints (steps '
+                          f'{", ".join(map(str, steps))}); choose an empty --workdir')
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'config.json').write_text(config.to_json(indent=2) + '\n')
+  step = int(np.asarray(jax.device_get(state.step)))
+  manager = open_manager(workdir, max_to_keep=int(config.get('max_checkpoints', 3)))
+  try:
+    save(manager, step, state, config)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+  return checkpoint_dir(workdir) / str(step)
+
+
+def _existing_steps(workdir: str | Path) -> list[int]:
+  folder = checkpoint_dir(workdir)
+  if not folder.is_dir():
+    return []
+  manager = open_manager(workdir, read_only=True)
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
+
+
+def restore_latest(workdir: str | Path, step: int | None = None
+                   ) -> tuple[Any, ml_collections.ConfigDict, int]:
+  """The newest readable (or exactly ``step``'s) checkpoint in ``workdir``, on the host.
+
+  Returns ``(state, config, step)`` where ``config`` is the one saved with the
+  checkpoint. Raises ``CheckpointError`` when there is none.
+  """
+  if not checkpoint_dir(workdir).is_dir():
+    raise CheckpointError(f'no checkpoints in {checkpoint_dir(workdir)}; train first '
+                          f'(python train.py --config ... --workdir {workdir})')
+  manager = open_manager(workdir, read_only=True)
+  try:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if step is not None:
+      steps = [step] if step in steps else []
+      if not steps:
+        raise CheckpointError(f'no checkpoint for step {step} in {manager.directory}; available '
+                              f'steps: {", ".join(map(str, sorted(manager.all_steps()))) or "none"}')
+    if not steps:
+      raise CheckpointError(f'no checkpoints in {manager.directory}; train first')
+    # The state's structure depends on the saved config: read the newest readable one.
+    saved = None
+    for s in steps:
+      try:
+        saved = ml_collections.ConfigDict(read_config(manager, s))
+        break
+      except Exception:  # pylint: disable=broad-except  (restore() below warns about it)
+        continue
+    target = _target_for(saved) if saved is not None else {}
+    # With no readable config, this warns about every step and raises CheckpointError.
+    state, saved_config, restored_step, _ = restore(manager, target, step=step)
+    return state, ml_collections.ConfigDict(saved_config), restored_step
+  finally:
+    manager.close()
