@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.coordinator_address = ''  # host:port; empty = let JAX detect the cluster
   config.num_processes = 1
   config.process_id = 0
+  # Checkpoints (in <workdir>/checkpoints; rerunning with the same workdir resumes).
+  config.checkpoint_every_steps = 0  # also save every N steps; 0 = only at each epoch's end
+  config.max_checkpoints = 3  # keep the newest N checkpoints; 0 = keep all
   # Output.
   config.progress = True  # tqdm bar within an epoch (only on a terminal)
   return config

@@ -39,8 +39,8 @@ ITEMS = ('state', 'config')
 # silently break exact resumption; such a resume is refused.
 RESUMABLE_CHANGES = frozenset({
     'num_epochs', 'progress', 'checkpoint_every_steps', 'max_checkpoints',
-    'eval_batch_size', 'data_dir', 'parallelism', 'distributed', 'coordinator_address',
-    'num_processes', 'process_id',
+    'eval_batch_size', 'data_dir', 'parallelism', 'num_devices', 'distributed',
+    'coordinator_address', 'num_processes', 'process_id',
 })
 
 

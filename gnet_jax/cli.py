@@ -26,7 +26,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def run(config: ml_collections.ConfigDict, workdir: str, summary: bool = False) -> int:
   """Runs the command; a known kind of bad input is an ``error:`` line and exit status 2."""
-  from gnet_jax import models, parallel, train  # imported late: keeps --help fast
+  from gnet_jax import checkpoint, models, parallel, train  # imported late: keeps --help fast
 
   try:
     if summary:
@@ -36,6 +36,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, summary: bool = False) 
     parallel.maybe_initialize_distributed(config)
     train.train_and_evaluate(config, workdir)
     return 0
-  except (DatasetError, ValueError) as e:
+  except train.Interrupted as e:  # a checkpoint was saved; the message says how to resume
+    print(e, file=sys.stderr)
+    return e.exit_code
+  except (DatasetError, ValueError, checkpoint.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
