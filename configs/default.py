@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   # Devices and hosts.
   config.parallelism = 'auto'  # 'auto', 'none', 'pmap' or 'sharded'
+  config.num_devices = 0  # devices to use, 0 = all (a multiple of the process count)
   config.distributed = False  # call jax.distributed.initialize() (multi-host)
   config.coordinator_address = ''  # host:port; empty = let JAX detect the cluster
   config.num_processes = 1

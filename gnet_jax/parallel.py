@@ -4,10 +4,17 @@ The train and eval step functions are the same in every mode; a ``Runner``
 only decides where state and batches live and how the steps are compiled.
 
 - ``none``: plain ``jax.jit`` on the first device.
-- ``pmap``: ``jax.pmap`` over this process's devices with axis name ``batch``;
-  state replicated with a leading device axis, batch split ``[devices, per_device, ...]``.
-- ``sharded``: ``jax.jit`` over a ``Mesh`` of all (global) devices, batch sharded
-  on the ``data`` axis, state replicated; XLA inserts the collectives.
+- ``pmap``: ``jax.pmap`` with axis name ``batch`` over the runner's devices;
+  state replicated with a leading device axis, batch split
+  ``[local_devices, per_device, ...]``. With several processes each process
+  maps over its own devices and the collectives span all of them.
+- ``sharded``: ``jax.jit`` over a ``Mesh`` of the runner's (global) devices,
+  batch sharded on the ``data`` axis, state replicated; XLA inserts the
+  collectives, so the step is written as for one device.
+
+Device order is process-major (process 0's devices first), so device ``k``
+holds rows ``[k * b, (k + 1) * b)`` of the global batch in both modes, which is
+what ``input_pipeline.train_batches`` hands each process.
 """
 
 from __future__ import annotations
@@ -29,13 +36,17 @@ DATA_AXIS = 'data'
 @dataclasses.dataclass(frozen=True)
 class Runner:
   mode: str
-  devices: tuple  # every device taking part (all processes)
-  mesh: Mesh | None = None
+  devices: tuple  # every device taking part, all processes, process-major
+  mesh: Mesh | None = None  # 'sharded': over ``devices``; 'pmap': over this process's devices
   eval_step: Callable | None = None
 
   @property
   def num_devices(self) -> int:
     return len(self.devices)
+
+  @property
+  def local_devices(self) -> tuple:
+    return tuple(d for d in self.devices if d.process_index == jax.process_index())
 
   @property
   def device_label(self) -> str:
@@ -55,24 +66,28 @@ class Runner:
     if self.mode == 'none':
       return jax.device_put(tree, self.devices[0])
     if self.mode == 'pmap':
-      local = jax.local_devices()
-      sharding = NamedSharding(Mesh(np.array(local), (PMAP_AXIS,)), P(PMAP_AXIS))
+      n = len(self.local_devices)
+      sharding = NamedSharding(self.mesh, P(PMAP_AXIS))
       return jax.tree.map(
-          lambda x: jax.device_put(np.stack([np.asarray(x)] * len(local)), sharding), tree)
+          lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), sharding),
+          tree)
     sharding = NamedSharding(self.mesh, P())
     return jax.tree.map(
         lambda x: jax.make_array_from_callback(np.shape(x), sharding,
                                                lambda idx, x=np.asarray(x): x[idx]), tree)
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> Any:
-    """This process's share of a global batch -> on device, split across devices."""
+    """This process's rows of a global batch -> on device, split across devices.
+
+    Each process passes only its own slice; nothing is gathered across hosts.
+    """
     if self.mode == 'none':
       return jax.device_put(batch, self.devices[0])
     if self.mode == 'pmap':
-      local = jax.local_devices()
-      sharding = NamedSharding(Mesh(np.array(local), (PMAP_AXIS,)), P(PMAP_AXIS))
+      n = len(self.local_devices)
+      sharding = NamedSharding(self.mesh, P(PMAP_AXIS))
       return jax.tree.map(
-          lambda x: jax.device_put(x.reshape((len(local), -1) + x.shape[1:]), sharding), batch)
+          lambda x: jax.device_put(x.reshape((n, -1) + x.shape[1:]), sharding), batch)
     sharding = NamedSharding(self.mesh, P(DATA_AXIS))
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
@@ -85,26 +100,24 @@ class Runner:
 
   # --- compilation -------------------------------------------------------------
 
-  def train_step(self, fn: Callable, **static) -> Callable:
-    """``fn(state, batch, **static) -> state`` compiled for this mode, state donated."""
+  def _compile(self, fn: Callable, donate: bool, **static) -> Callable:
+    donate_argnums = (0,) if donate else ()
     if self.mode == 'pmap':
-      return jax.pmap(functools.partial(fn, axis_name=PMAP_AXIS, **static),
-                      axis_name=PMAP_AXIS, donate_argnums=0)
+      return jax.pmap(functools.partial(fn, axis_name=PMAP_AXIS, **static), axis_name=PMAP_AXIS,
+                      devices=self.devices, donate_argnums=donate_argnums)
     if self.mode == 'sharded':
       replicated, data = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(DATA_AXIS))
       return jax.jit(functools.partial(fn, **static), in_shardings=(replicated, data),
-                     out_shardings=replicated, donate_argnums=0)
-    return jax.jit(functools.partial(fn, **static), donate_argnums=0)
+                     out_shardings=replicated, donate_argnums=donate_argnums)
+    return jax.jit(functools.partial(fn, **static), donate_argnums=donate_argnums)
+
+  def train_step(self, fn: Callable, **static) -> Callable:
+    """``fn(state, batch, **static) -> state`` compiled for this mode, state donated."""
+    return self._compile(fn, True, **static)
 
   def eval_step_fn(self, fn: Callable, **static) -> Callable:
     """``fn(params, batch, **static) -> sums`` compiled for this mode."""
-    if self.mode == 'pmap':
-      return jax.pmap(functools.partial(fn, axis_name=PMAP_AXIS, **static), axis_name=PMAP_AXIS)
-    if self.mode == 'sharded':
-      replicated, data = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(DATA_AXIS))
-      return jax.jit(functools.partial(fn, **static), in_shardings=(replicated, data),
-                     out_shardings=replicated)
-    return jax.jit(functools.partial(fn, **static))
+    return self._compile(fn, False, **static)
 
   def with_eval(self, eval_step: Callable) -> 'Runner':
     return dataclasses.replace(self, eval_step=eval_step)
@@ -118,17 +131,40 @@ def resolve_mode(mode: str, num_devices: int) -> str:
   return mode
 
 
+def select_devices(requested: int, devices: list | None = None) -> list:
+  """``requested`` devices (0 = all), the same number from every process, process-major."""
+  devices = sorted(devices or jax.devices(), key=lambda d: (d.process_index, d.id))
+  if not requested or requested == len(devices):
+    return devices
+  processes = jax.process_count()
+  if requested < 0 or requested > len(devices) or requested % processes:
+    raise ValueError(f'num_devices {requested} is not possible with {len(devices)} devices in '
+                     f'{processes} process(es); use 0 (all) or a multiple of {processes} '
+                     f'up to {len(devices)}')
+  per_process = requested // processes
+  return [d for p in range(processes)
+          for d in [d for d in devices if d.process_index == p][:per_process]]
+
+
 def make_runner(config: ml_collections.ConfigDict, devices: list | None = None) -> Runner:
   """The runner the config asks for; checks that the batch divides across devices."""
-  devices = list(devices or jax.devices())
+  devices = select_devices(config.get('num_devices', 0), devices)
   mode = resolve_mode(config.get('parallelism', 'auto'), len(devices))
   if mode == 'none':
+    if jax.process_count() > 1:
+      raise ValueError(f'parallelism none runs on one device but there are '
+                       f'{jax.process_count()} processes; use pmap or sharded')
     devices = devices[:1]
   for count, what in ((len(devices), 'devices'), (jax.process_count(), 'processes')):
     if config.batch_size % count:
       raise ValueError(f'batch_size {config.batch_size} does not divide across {count} {what}; '
                        f'use a multiple of {count} (--config.batch_size=...)')
-  mesh = Mesh(np.array(devices), (DATA_AXIS,)) if mode == 'sharded' else None
+  mesh = None
+  if mode == 'sharded':
+    mesh = Mesh(np.array(devices), (DATA_AXIS,))
+  elif mode == 'pmap':
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    mesh = Mesh(np.array(local), (PMAP_AXIS,))
   return Runner(mode=mode, devices=tuple(devices), mesh=mesh)
 
 
@@ -136,8 +172,9 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
   """``jax.distributed.initialize`` when the config asks for several processes.
 
   With ``distributed=True`` and no address, JAX finds the cluster itself (TPU
-  pods, SLURM, ...); ``coordinator_address``/``num_processes``/``process_id``
-  set it up by hand (e.g. two processes on 127.0.0.1).
+  pods, SLURM, Open MPI, Kubernetes); ``coordinator_address``, ``num_processes``
+  and ``process_id`` set it up by hand (e.g. two processes on 127.0.0.1).
+  Must run before anything touches a device.
   """
   if not config.get('distributed', False):
     return
