@@ -9,6 +9,7 @@ copied over, e.g. with ``gnet_jax.interop``.)
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -34,13 +35,72 @@ B5_BLOCKS = ((256, (160, 320), (32, 128), 128), (384, (192, 384), (48, 128), 128
 AUX_TAPS = (1, 4)
 
 
+def _max_pool_3x3_fwd_only(x: jax.Array, stride: int) -> jax.Array:
+  # ``lax.reduce_window`` pads with the init value (-inf), so padding never
+  # wins the max, matching PyTorch.
+  return nn.max_pool(x, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))
+
+
+def _window_views(x: jax.Array, stride: int, out_hw: tuple[int, int]):
+  """The 9 strided views of ``x`` (padded by 1 with -inf) that a 3x3 window reads.
+
+  View ``(di, dj)`` holds, for every output position, the input element at
+  window offset ``(di, dj)``; the views come in PyTorch's window order (row by row).
+  """
+  n, _, _, c = x.shape
+  ho, wo = out_hw
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  for di in range(3):
+    for dj in range(3):
+      yield di, dj, jax.lax.slice(
+          xp, (0, di, dj, 0), (n, di + stride * (ho - 1) + 1, dj + stride * (wo - 1) + 1, c),
+          (1, stride, stride, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
+  return _max_pool_3x3_fwd_only(x, stride)
+
+
+def _max_pool_3x3_fwd(x, stride):
+  y = _max_pool_3x3_fwd_only(x, stride)
+  return y, (x, y)
+
+
+def _max_pool_3x3_bwd(stride, residuals, g):
+  """Gradient by comparing the 9 shifted windows with the output.
+
+  XLA:CPU lowers the stock gradient (select-and-scatter) to reduce-window +
+  iota + scatter, about a third of a 96x96 training step. Here each window
+  offset is an elementwise compare and a (strided) pad, which XLA fuses. The
+  first maximum in window order takes the gradient, as in PyTorch.
+  """
+  x, y = residuals
+  n, h, w, c = x.shape
+  dx = jnp.zeros((n, h + 2, w + 2, c), g.dtype)
+  taken = jnp.zeros(y.shape, bool)
+  ho, wo = y.shape[1:3]
+  for di, dj, view in _window_views(x, stride, (ho, wo)):
+    hit = (view == y) & ~taken
+    taken = taken | hit
+    # Put the output-grid values back on the padded input grid at offset (di, dj).
+    contrib = jnp.where(hit, g, jnp.zeros_like(g))
+    dx = dx + jax.lax.pad(contrib, jnp.zeros((), g.dtype),
+                          ((0, 0, 0), (di, h + 2 - di - stride * (ho - 1) - 1, stride - 1),
+                           (dj, w + 2 - dj - stride * (wo - 1) - 1, stride - 1), (0, 0, 0)))
+  return (dx[:, 1:h + 1, 1:w + 1, :],)
+
+
+_max_pool_3x3.defvjp(_max_pool_3x3_fwd, _max_pool_3x3_bwd)
+
+
 def max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
   """3x3 max-pool with padding 1, as ``nn.MaxPool2d(3, stride, padding=1)``.
 
-  ``lax.reduce_window`` pads with the init value (-inf), so padding never wins
-  the max, matching PyTorch.
+  Same forward as ``nn.max_pool``; the gradient is hand-written (see
+  ``_max_pool_3x3_bwd``) because XLA:CPU's own is slow.
   """
-  return nn.max_pool(x, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))
+  return _max_pool_3x3(x, stride)
 
 
 def conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1) -> nn.Conv:
@@ -55,6 +115,30 @@ def conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1) -
       dtype=dtype,
       name=name,
   )
+
+
+class ConvParams(nn.Module):
+  """The kernel and bias of a stride-1 'same' ``conv`` (same names, shapes and init), unapplied.
+
+  Lets a parent apply several convolutions that read the same input as one.
+  """
+
+  features: int
+  kernel: int
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+    k = self.param('kernel', xavier_uniform, (self.kernel, self.kernel, in_features, self.features))
+    return k, self.param('bias', nn.initializers.zeros, (self.features,))
+
+
+def apply_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype) -> jax.Array:
+  """What ``nn.Conv`` (stride 1, 'same' padding) computes with these parameters."""
+  x, kernel, bias = (a.astype(dtype) for a in (x, kernel, bias))
+  pad = kernel.shape[0] // 2
+  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return y + bias
 
 
 class Inception(nn.Module):
@@ -73,10 +157,14 @@ class Inception(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = self.dtype
-    p1 = nn.relu(conv(self.c1, 1, 'p1_1', d)(x))
-    p2 = nn.relu(conv(self.c2[0], 1, 'p2_1', d)(x))
+    # p1_1, p2_1 and p3_1 all read x: run them as one 1x1 convolution (fewer,
+    # larger matmuls, x read once) and split the result. Each keeps its own
+    # parameters under its own name, so the parameter tree is unchanged.
+    widths = (self.c1, self.c2[0], self.c3[0])
+    fused = [ConvParams(c, 1, name=n)(x.shape[-1]) for c, n in zip(widths, ('p1_1', 'p2_1', 'p3_1'))]
+    y = nn.relu(apply_conv(x, *(jnp.concatenate(t, axis=-1) for t in zip(*fused)), dtype=d))
+    p1, p2, p3 = jnp.split(y, np.cumsum(widths)[:2], axis=-1)
     p2 = nn.relu(conv(self.c2[1], 3, 'p2_2', d)(p2))
-    p3 = nn.relu(conv(self.c3[0], 1, 'p3_1', d)(x))
     p3 = nn.relu(conv(self.c3[1], 5, 'p3_2', d)(p3))
     p4 = nn.relu(conv(self.c4, 1, 'p4_2', d)(max_pool_3x3(x, 1)))
     return jnp.concatenate([p1, p2, p3, p4], axis=-1)
