@@ -10,18 +10,33 @@ from absl import flags
 from gnet_jax.input_pipeline import DatasetError
 
 
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with config mistakes (unknown key, wrong type) as one clear line."""
+  """absl flag parsing, with config mistakes as one clear line and exit status 2.
+
+  ml_collections reports an unknown ``--config.KEY`` as a bare AttributeError
+  and a config file that fails to load only when the config is first used;
+  both are caught here, before any work starts.
+  """
+  hint = ('config keys are listed in configs/default.py and the README; '
+          'override one with --config.KEY=VALUE')
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    _fail(f'unknown config key in {" ".join(bad) or "the overrides"} ({e}); {hint}')
   except flags.Error as e:
-    message = str(e)
-    if 'config' in message and ('has no attribute' in message or 'Could not override' in message
-                                or 'not found' in message or 'type' in message.lower()):
-      message += ('\n(config keys are listed in configs/default.py and the README; '
-                  'override one with --config.KEY=VALUE)')
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
+    _fail(f'{e}; {hint}' if '--config.' in str(e) else str(e))
+  if 'config' in flags.FLAGS:
+    try:
+      flags.FLAGS.config.keys()  # raises the deferred load error, if any
+    except (OSError, ImportError, SyntaxError) as e:
+      _fail(' '.join(str(e).split()) + ' (pass --config configs/<name>.py)')
+  return rest
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, summary: bool = False) -> int:

@@ -1,0 +1,70 @@
+"""train.py as a user runs it: a tiny end-to-end run, --summary, and clear errors."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def run_train(*args, timeout=600):
+  """Runs train.py as a user would: one CPU device (not the tests' 8 virtual ones)."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  env = {**os.environ, 'XLA_FLAGS': ' '.join(flags)}
+  return subprocess.run([sys.executable, 'train.py', *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout, env=env)
+
+
+def test_end_to_end_run_writes_the_workdir(idx_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  result = run_train('--config', 'configs/quickstart.py', '--workdir', str(workdir),
+                     '--config.data_source=idx', f'--config.data_dir={idx_dir}',
+                     '--config.train_examples=32', '--config.eval_examples=12',
+                     '--config.batch_size=8', '--config.num_epochs=1',
+                     '--config.progress=False')
+  assert result.returncode == 0, result.stderr
+  assert re.search(r'^epoch 1/1: loss \d+\.\d{3}, train acc \d\.\d{3}, test acc \d\.\d{3}, '
+                   r'\d+\.\d examples/sec on cpu:0$', result.stdout, re.M), result.stdout
+  assert f'idx files in {idx_dir}' in result.stdout
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['image_size'] == 28 and config['data_dir'] == str(idx_dir)
+  (line,) = (workdir / 'metrics.jsonl').read_text().splitlines()
+  metrics = json.loads(line)
+  for key in ('epoch', 'step', 'train_loss', 'train_acc', 'test_acc', 'examples_per_sec',
+              'seconds'):
+    assert key in metrics
+  assert metrics['epoch'] == 1 and metrics['step'] == 4
+  assert (workdir / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_summary_prints_stage_table():
+  result = run_train('--config', 'configs/fashion_mnist.py', '--summary')
+  assert result.returncode == 0, result.stderr
+  for text in ('b1', 'b5', 'head', '5,977,530', 'float32[1,3,3,832]', 'flops'):
+    assert text in result.stdout
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--config.not_a_key=1'], 'unknown config key in --config.not_a_key'),
+    (['--config.batch_size=abc'], "--config.batch_size=abc: invalid literal"),
+    (['--config.data_source=idx', '--config.data_dir=/nonexistent/fmnist'],
+     'data_dir /nonexistent/fmnist does not exist'),
+    (['--config.dataset=cifar'], "unknown dataset 'cifar'"),
+])
+def test_bad_input_is_one_clear_error(args, expected, tmp_path):
+  result = run_train('--config', 'configs/quickstart.py', '--workdir', str(tmp_path), *args)
+  assert result.returncode == 2
+  assert expected in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert result.stderr.startswith('error: ')
+
+
+def test_missing_config_file():
+  result = run_train('--config', 'configs/nope.py')
+  assert result.returncode == 2
+  assert 'configs/nope.py' in result.stderr and 'Traceback' not in result.stderr
