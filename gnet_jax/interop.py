@@ -22,8 +22,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
+import pickle
+import re
+import sys
+import warnings
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import jax
 import numpy as np
 
 from gnet_jax.models import B3_BLOCKS, B4_BLOCKS, B5_BLOCKS
@@ -250,3 +257,275 @@ def _import_torch():
         '(on a machine without a GPU, first install the CPU build: pip install torch '
         '--index-url https://download.pytorch.org/whl/cpu)') from None
   return torch
+
+
+# ----------------------------------------------------------------------------- .pt files
+
+# Keys under which training scripts commonly wrap a state dict (or a model) in a checkpoint dict.
+WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model')
+# d2l 2.x (the LazyConv2d edition) names the Inception convs b1_1 ... b4_2 instead of p1_1 ... p4_2.
+_D2L2_CONV = re.compile(r'^([234]\.\d+)\.b([1-4]_[12])\.(weight|bias)$')
+
+
+def _is_state_dict(obj: Any) -> bool:
+  return isinstance(obj, Mapping) and bool(obj) and all(
+      isinstance(k, str) and hasattr(v, 'shape') for k, v in obj.items())
+
+
+def extract_state_dict(obj: Any, source: str = 'the file') -> Mapping[str, Any]:
+  """The state dict inside what ``torch.load`` returned.
+
+  Accepted: a state dict; an ``nn.Module`` (its ``state_dict()``); or a dict
+  holding either under ``'state_dict'``, ``'model_state_dict'`` or ``'model'``
+  (other entries, such as optimizer state or the epoch, are ignored).
+  """
+  if not isinstance(obj, Mapping) and callable(getattr(obj, 'state_dict', None)):
+    return obj.state_dict()
+  if _is_state_dict(obj):
+    return obj
+  if isinstance(obj, Mapping):
+    for key in WRAPPER_KEYS:
+      if key in obj:
+        return extract_state_dict(obj[key], f'{source}[{key!r}]')
+    raise StateDictError(
+        f'{source} is a dict without a state dict: its keys are '
+        f'{", ".join(repr(k) for k in list(obj)[:8])}; expected parameter tensors, or a '
+        f'state dict under one of {", ".join(repr(k) for k in WRAPPER_KEYS)}')
+  raise StateDictError(f'{source} holds a {type(obj).__name__}, not a state dict or a model')
+
+
+def normalize_keys(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+  """Maps the key spellings of common variants onto the d2l ``nn.Sequential`` keys.
+
+  Removes a ``module.`` prefix (``DataParallel``/``DistributedDataParallel``)
+  and a ``net.`` prefix (d2l 2.x's ``GoogleNet`` class keeps its layers in
+  ``self.net``), each only when every key has it, and renames d2l 2.x's
+  Inception convs ``b1_1`` ... ``b4_2`` to ``p1_1`` ... ``p4_2``. Returns the
+  new dict and a note per change made.
+  """
+  out, notes = dict(state_dict), []
+  for prefix in ('module.', 'net.'):
+    if out and all(k.startswith(prefix) for k in out):
+      out = {k[len(prefix):]: v for k, v in out.items()}
+      notes.append(f'removed the {prefix!r} prefix of every key')
+  renamed = {}
+  for key, value in out.items():
+    m = _D2L2_CONV.match(key)
+    renamed[f'{m[1]}.p{m[2]}.{m[3]}' if m else key] = value
+  if list(renamed) != list(out):
+    notes.append("renamed the Inception convs b1_1 ... b4_2 (d2l 2.x) to p1_1 ... p4_2")
+  return renamed, notes
+
+
+def load_torch_file(path: str | os.PathLike, *, trust_pickle: bool = False
+                    ) -> tuple[dict[str, Any], list[str]]:
+  """Reads a ``.pt``/``.pth`` file into a d2l-keyed state dict (see ``extract_state_dict``).
+
+  Uses ``torch.load(weights_only=True)``, which only rebuilds tensors and plain
+  containers. A whole pickled ``nn.Module`` needs full unpickling, which can run
+  arbitrary code from the file: that happens only with ``trust_pickle=True``.
+  Returns the state dict and notes on any key changes (``normalize_keys``).
+  """
+  torch = _import_torch()
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise StateDictError(f'{path}: no such file')
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    if 'Unsupported global' not in str(e):  # not a class the safe loader refused: junk
+      raise StateDictError(f'{path}: not a PyTorch file torch.load can read ({_first_line(e)})'
+                           ) from None
+    if not trust_pickle:
+      raise StateDictError(
+          f'{path} holds pickled Python objects (such as a whole model saved with '
+          'torch.save(model)), not just tensors. Unpickling it can run arbitrary code from the '
+          'file. Either re-save the weights alone, torch.save(model.state_dict(), PATH), or, if '
+          'you trust the file, pass --trust_pickle (the classes it was saved with, e.g. '
+          'Inception, must then be importable)') from None
+    try:
+      obj = torch.load(path, map_location='cpu', weights_only=False)
+    except (AttributeError, ModuleNotFoundError, ImportError) as e2:
+      raise StateDictError(
+          f'{path} is a pickled model whose classes cannot be found ({_first_line(e2)}); '
+          'load it where they are defined and save model.state_dict() instead') from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e2:
+      raise StateDictError(f'{path}: torch.load cannot read it ({_first_line(e2)})') from None
+  except (RuntimeError, EOFError, OSError, ValueError) as e:
+    raise StateDictError(f'{path}: not a PyTorch file torch.load can read ({_first_line(e)})'
+                         ) from None
+  return normalize_keys(extract_state_dict(obj, path))
+
+
+def save_torch_file(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
+  """``torch.save`` of a state dict (NumPy or torch values), loadable with ``weights_only=True``."""
+  torch = _import_torch()
+  tensors = collections.OrderedDict(
+      (k, v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)))
+      for k, v in state_dict.items())
+  torch.save(tensors, os.fspath(path))
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return text[0] if text else type(error).__name__
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def import_to_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike,
+                         config: Any, *, trust_pickle: bool = False) -> dict:
+  """Writes the PyTorch model at ``path`` as a step-0 checkpoint of ``config`` in ``workdir``.
+
+  ``train.py --config <same config> --workdir <workdir>`` then fine-tunes from
+  it and ``python -m gnet_jax.evaluate --workdir <workdir>`` evaluates it.
+  The model must fit the config's data: 1 input channel (MNIST and
+  Fashion-MNIST are grayscale) and 10 classes. With ``config.aux_weight > 0``
+  the aux heads, absent from the d2l model, start freshly initialised.
+  Returns a summary (``in_channels``, ``num_classes``, ``notes``, ``checkpoint``).
+  """
+  from gnet_jax import checkpoint, input_pipeline, train  # late: the converter needs neither
+
+  state_dict, notes = load_torch_file(path, trust_pickle=trust_pickle)
+  imported = params_from_torch(state_dict)
+  in_channels, num_classes = state_dict_io(state_dict)
+  dataset = config.get('dataset', '?')
+  if num_classes != input_pipeline.NUM_CLASSES:
+    raise StateDictError(
+        f'{path} classifies into {num_classes} classes (5.weight is '
+        f'{_shape_of(state_dict["5.weight"])}), but {dataset} has '
+        f'{input_pipeline.NUM_CLASSES}; train.py and gnet_jax.evaluate cannot use it '
+        '(params_from_torch converts it for your own code)')
+  if in_channels != 1:
+    raise StateDictError(
+        f'{path} expects {in_channels}-channel images (0.0.weight is '
+        f'{_shape_of(state_dict["0.0.weight"])}), but {dataset} images have 1 channel; '
+        'train.py and gnet_jax.evaluate cannot use it (params_from_torch converts it for '
+        'your own code)')
+  model, tx = train.make_model(config), train.make_optimizer(config)
+  size = config.image_size
+  state = train.create_train_state(config, (size, size, in_channels), model, tx)
+  params = merge_params(imported, state.params)
+  state = state.replace(params=params,
+                        opt_state=jax.tree.map(np.asarray, jax.device_get(tx.init(params))))
+  if getattr(model, 'aux_heads', False):
+    notes.append('aux heads (aux1, aux2) are freshly initialised: the d2l model has none')
+  folder = checkpoint.save_state(workdir, state, config)
+  return {'in_channels': in_channels, 'num_classes': num_classes, 'notes': notes,
+          'checkpoint': folder, 'tensors': len(state_dict)}
+
+
+def export_from_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike,
+                           step: int | None = None) -> dict:
+  """Saves the params of ``workdir``'s newest readable checkpoint (or ``step``'s) as a d2l
+  PyTorch state dict at ``out``; aux heads are left out. Returns a summary."""
+  from gnet_jax import checkpoint  # late import, as above
+
+  state, _, restored_step = checkpoint.restore_latest(workdir, step)
+  params = state.params
+  dropped = [name for name in AUX_HEADS if name in params]
+  state_dict = params_to_torch(params, numpy=True)
+  save_torch_file(state_dict, out)
+  return {'step': restored_step, 'tensors': len(state_dict), 'dropped': dropped}
+
+
+# ----------------------------------------------------------------------------- command line
+
+USAGE = """\
+usage: python -m gnet_jax.interop import MODEL.pt --workdir DIR [--config CONFIG.py]
+                                         [--config.KEY=VALUE ...] [--trust_pickle]
+       python -m gnet_jax.interop export DIR OUT.pt [--step N]
+
+import: reads a d2l GoogLeNet saved by PyTorch (a state dict, a dict wrapping one under
+  'state_dict', 'model_state_dict' or 'model', or with --trust_pickle a whole pickled
+  nn.Module) and writes a step-0 checkpoint in DIR for train.py (fine-tuning, with the same
+  --config) and python -m gnet_jax.evaluate. --config defaults to configs/default.py.
+export: writes the params of DIR's newest checkpoint (or --step N) as a PyTorch state dict
+  that the d2l nn.Sequential loads with load_state_dict.
+"""
+
+
+def _default_config_path() -> str | None:
+  path = Path(__file__).resolve().parent.parent / 'configs' / 'default.py'
+  return str(path) if path.is_file() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+  """The command line; a bad input is one ``error:`` line and exit status 2."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = list(sys.argv if argv is None else argv)
+  if any(a in ('-h', '--help', '-help', '--helpfull') for a in argv[1:]):
+    print(USAGE)
+    return 0
+  fv = flags.FlagValues()  # private: no clash with train.py's global flags
+  try:
+    with warnings.catch_warnings():
+      # ml_collections' config loader uses a deprecated importlib call on Python >= 3.11.
+      warnings.filterwarnings('ignore', message='.*load_module.*', category=DeprecationWarning)
+      # Reads the --config.KEY=VALUE overrides from sys_argv when the default config loads.
+      config_flags.DEFINE_config_file('config', _default_config_path(),
+                                      'Config file (configs/*.py) the checkpoint is for.',
+                                      flag_values=fv, lock_config=True, sys_argv=argv)
+      flags.DEFINE_string('workdir', None, 'import: where the checkpoint goes.', flag_values=fv)
+      flags.DEFINE_bool('trust_pickle', False, 'import: allow full unpickling (runs code from '
+                        'the file) to read a whole pickled nn.Module.', flag_values=fv)
+      flags.DEFINE_integer('step', None, 'export: the checkpoint step (default: newest).',
+                           flag_values=fv)
+      args = fv(argv)[1:]
+      config = fv.config
+      if config is not None:
+        config.to_json()  # touches the lazily loaded config, so a bad path is reported here
+  except (AttributeError, KeyError) as e:
+    print(f'error: unknown config key {str(e).strip(chr(34) + chr(39))} (config keys are '
+          'listed in configs/default.py)', file=sys.stderr)
+    return 2
+  except OSError as e:
+    path = config_flags.get_config_filename(fv['config'])
+    reason = 'no such file' if not os.path.isfile(path) else str(e.__cause__ or e).strip()
+    print(f'error: cannot load the config file {path}: {reason}', file=sys.stderr)
+    return 2
+  except (flags.Error, TypeError, ValueError) as e:
+    print(f'error: {_first_line(e)}\n{USAGE}', file=sys.stderr)
+    return 2
+
+  from gnet_jax import checkpoint  # pylint: disable=import-outside-toplevel
+
+  try:
+    if len(args) == 2 and args[0] == 'import':
+      if not fv.workdir:
+        raise StateDictError('import needs --workdir DIR (an empty or new folder)')
+      if config is None:
+        raise StateDictError('import needs --config CONFIG.py (configs/default.py not found)')
+      result = import_to_checkpoint(args[1], fv.workdir, config, trust_pickle=fv.trust_pickle)
+      for note in result['notes']:
+        print(f'note: {note}')
+      print(f'imported {result["tensors"]} tensors from {args[1]} ({result["in_channels"]} '
+            f'input channel(s), {result["num_classes"]} classes) into {result["checkpoint"]}')
+      print(f'evaluate:  python -m gnet_jax.evaluate --workdir {fv.workdir}')
+      config_file = config_flags.get_config_filename(fv['config'])
+      print(f'fine-tune: python train.py --config {config_file} --workdir {fv.workdir} '
+            '(with the same config overrides as this import)')
+    elif len(args) == 3 and args[0] == 'export':
+      result = export_from_checkpoint(args[1], args[2], fv.step)
+      if result['dropped']:
+        print(f'note: left out {", ".join(result["dropped"])} (training-only aux heads, '
+              'absent from the d2l model)')
+      print(f'exported the checkpoint at step {result["step"]} of {args[1]} to {args[2]} '
+            f'({result["tensors"]} tensors)')
+    else:
+      print(f'error: unexpected arguments: {" ".join(args) or "(none)"}\n{USAGE}',
+            file=sys.stderr)
+      return 2
+  except (StateDictError, ImportError, checkpoint.CheckpointError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs routine warnings
+  sys.exit(main())

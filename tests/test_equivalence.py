@@ -141,7 +141,7 @@ def torch_images(images: np.ndarray) -> torch.Tensor:
 
 
 def assert_leaves_close(got, expected, rtol_of_max: float, what: str) -> float:
-  """Per-leaf ``max|got - expected| <= rtol_of_max * max(|expected|)``; returns the worst abs diff."""
+  """Per leaf, ``max|got - expected| <= rtol_of_max * max|expected|``; returns the worst diff."""
   worst_abs, worst_rel = 0.0, 0.0
   flat_got = dict(jax.tree_util.tree_flatten_with_path(got)[0])
   flat_expected = jax.tree_util.tree_flatten_with_path(expected)[0]

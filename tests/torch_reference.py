@@ -67,7 +67,8 @@ def googlenet(in_channels: int = 1, num_classes: int = 10) -> nn.Sequential:
   return net
 
 
-def shape_table(net: nn.Sequential, in_channels: int = 1, size: int = 96) -> list[tuple[str, tuple]]:
+def shape_table(net: nn.Sequential, in_channels: int = 1,
+                size: int = 96) -> list[tuple[str, tuple]]:
   """Each stage's output shape for a ``1 x in_channels x size x size`` input (NCHW).
 
   The book's printout: ``for layer in net: X = layer(X); print(name, 'output shape:', X.shape)``.
