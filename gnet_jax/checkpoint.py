@@ -19,7 +19,6 @@ warning, newest first; nothing here ever deletes one.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -113,8 +112,30 @@ def _reason(error: BaseException) -> str:
   return f'{type(error).__name__}: {text}' if text else type(error).__name__
 
 
+def _quiet_late_read_callbacks() -> None:
+  """Drops 'Event loop is closed' noise left by a failed restore.
+
+  When one read of a damaged checkpoint fails, orbax closes its event loop
+  while tensorstore still completes the other reads; their callbacks then
+  raise into ``sys.unraisablehook``, printing dozens of tracebacks that say
+  nothing about the damage (already reported in one line). Other unraisable
+  exceptions still reach the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, '_gnet_quiet', False):
+    return
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and (
+        'Event loop is closed' in str(unraisable.exc_value)):
+      return
+    previous(unraisable)
+
+  hook._gnet_quiet = True
+  sys.unraisablehook = hook
+
+
 def warn(message: str) -> None:
-  logging.warning(message)
   print(f'warning: {message}', file=sys.stderr, flush=True)
 
 
@@ -146,6 +167,7 @@ def restore(manager: ocp.CheckpointManager, target: Any,
   if not steps:
     return None
   target = host_tree(target)
+  _quiet_late_read_callbacks()
   damaged = []
   for s in steps:
     # Orbax reports damage through many exception types (ValueError, FileNotFoundError,
