@@ -266,3 +266,16 @@ def test_save_state_writes_a_resumable_step0_checkpoint(target, idx_dir, tmp_pat
   chex.assert_trees_all_equal(state, checkpoint.host_tree(target))
   with pytest.raises(checkpoint.CheckpointError, match='already holds checkpoints'):
     checkpoint.save_state(tmp_path / 'imported', target, config)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_saves_nothing(target, idx_dir, tmp_path):
+  # NaN weights imported through save_state (the interop path) make step 1's loss NaN.
+  workdir = tmp_path / 'nan'
+  poisoned = target.replace(params=jax.tree.map(lambda x: np.full_like(x, np.nan), target.params))
+  checkpoint.save_state(workdir, poisoned, make_config(idx_dir))
+  result = run_train(workdir, idx_dir)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'error: the training loss became NaN or inf at step 1 (epoch 1); stopped without ' \
+         'saving; the last good checkpoint is step 0' in result.stderr, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['0']
