@@ -1,0 +1,90 @@
+"""Two processes on 127.0.0.1 (2 CPU devices each) train like one process on 1 device.
+
+Each test starts two ``python train.py`` processes joined by
+``jax.distributed.initialize`` and compares their ``metrics.jsonl`` with the
+single-device run of ``test_parallel``. Both processes are killed whatever
+happens; each has a time limit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from gnet_jax import metrics as metrics_lib
+from test_parallel import assert_same_metrics, cli_args, single_device_metrics
+
+TIMEOUT_S = 400
+GLOO_LINE = r'\d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+'
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def child_env(devices: int) -> dict[str, str]:
+  """The test's environment with ``devices`` CPU devices instead of the conftest's 8."""
+  env = dict(os.environ)
+  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', env.get('XLA_FLAGS', ''))
+  env['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={devices}'.strip()
+  return env
+
+
+def run_two_processes(workdir: Path, idx_dir: Path, mode: str) -> list[tuple[int, str, str]]:
+  """Both processes' (exit status, stdout, stderr); both are killed if either overruns."""
+  address = f'127.0.0.1:{free_port()}'
+  logs = [(workdir.parent / f'process{i}.out', workdir.parent / f'process{i}.err')
+          for i in range(2)]
+  procs = []
+  try:
+    for pid, (out, err) in enumerate(logs):
+      cmd = [sys.executable, 'train.py', *cli_args(workdir, idx_dir),
+             f'--config.parallelism={mode}', '--config.distributed=True',
+             f'--config.coordinator_address={address}', '--config.num_processes=2',
+             f'--config.process_id={pid}']
+      with open(out, 'w') as stdout, open(err, 'w') as stderr:
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=child_env(2), stdout=stdout,
+                                      stderr=stderr, text=True))
+    deadline = time.monotonic() + TIMEOUT_S
+    for proc in procs:
+      try:
+        proc.wait(timeout=max(deadline - time.monotonic(), 1))
+      except subprocess.TimeoutExpired:
+        pytest.fail(f'timed out after {TIMEOUT_S} s; stderr of process {procs.index(proc)}:\n'
+                    + logs[procs.index(proc)][1].read_text()[-3000:])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  return [(proc.returncode, out.read_text(), err.read_text())
+          for proc, (out, err) in zip(procs, logs)]
+
+
+@pytest.mark.parametrize('mode', ['sharded', 'pmap'])
+def test_two_processes_match_single_device(mode, tmp_path, idx_dir):
+  # One workdir for both, as on a shared file system: only process 0 writes to it.
+  workdir = tmp_path / 'run'
+  results = run_two_processes(workdir, idx_dir, mode)
+  for pid, (code, out, err) in enumerate(results):
+    assert code == 0, f'process {pid} failed:\n{err[-3000:]}'
+  out0, out1 = results[0][1], results[1][1]
+  assert f'parallelism: {mode} on 4 x' in out0 and '2 process(es)' in out0
+  assert 'per-device batch 2' in out0
+  assert out0.count('epoch ') == 2 and 'epoch 2/2' in out0
+  # Process 1 prints nothing (gloo's own connection lines aside, which two threads may interleave).
+  assert re.sub(GLOO_LINE, '', out1.replace('[Gloo] Rank ', '')).strip() == ''
+  assert {'config.json', 'metrics.jsonl', 'curves.png'} <= {p.name for p in workdir.iterdir()}
+  got = metrics_lib.read_jsonl(workdir / 'metrics.jsonl')
+  assert [m['epoch'] for m in got] == [1, 2]  # written once, not once per process
+  assert_same_metrics(got, single_device_metrics(idx_dir))
