@@ -1,14 +1,17 @@
 """Two processes on 127.0.0.1 (2 CPU devices each) train like one process on 1 device.
 
-Each test starts two ``python train.py`` processes joined by
-``jax.distributed.initialize`` and compares their ``metrics.jsonl`` with the
-single-device run of ``test_parallel``. Both processes are killed whatever
-happens; each has a time limit.
+Each test starts two processes joined by ``jax.distributed.initialize``:
+``python train.py`` end to end (GoogLeNet, ``sharded``; its ``metrics.jsonl``
+against the one-device run of ``test_parallel``), and the step of
+``test_parallel`` (TinyNet with aux heads) under ``pmap`` and ``sharded``
+(parameters, optimizer state and metrics against one device). Both processes
+are killed whatever happens; each has a time limit.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import socket
 import subprocess
@@ -16,11 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+import chex
 import pytest
 
 from conftest import REPO
 from gnet_jax import metrics as metrics_lib
-from test_parallel import assert_same_metrics, cli_args, single_device_metrics
+from test_parallel import (ATOL, RTOL, STEPS, assert_same_metrics, cli_args,
+                           single_device_metrics, trajectory)
 
 TIMEOUT_S = 400
 GLOO_LINE = r'\d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+'
@@ -71,7 +76,9 @@ def run_two_processes(workdir: Path, idx_dir: Path, mode: str) -> list[tuple[int
           for proc, (out, err) in zip(procs, logs)]
 
 
-@pytest.mark.parametrize('mode', ['sharded', 'pmap'])
+# pmap across processes is covered by test_two_process_steps_match_single_device
+# below; a second GoogLeNet compile per process would double this file's time.
+@pytest.mark.parametrize('mode', ['sharded'])
 def test_two_processes_match_single_device(mode, tmp_path, idx_dir):
   # One workdir for both, as on a shared file system: only process 0 writes to it.
   workdir = tmp_path / 'run'
@@ -88,3 +95,48 @@ def test_two_processes_match_single_device(mode, tmp_path, idx_dir):
   got = metrics_lib.read_jsonl(workdir / 'metrics.jsonl')
   assert [m['epoch'] for m in got] == [1, 2]  # written once, not once per process
   assert_same_metrics(got, single_device_metrics(idx_dir))
+
+
+# The steps of test_parallel (TinyNet with aux heads, 3 steps), run by two processes.
+WORKER = '''
+import os, pickle, re, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import test_parallel as tp  # imports conftest, which asks for 8 CPU devices ...
+os.environ['XLA_FLAGS'] = re.sub(r'count=\\d+', 'count=2', os.environ['XLA_FLAGS'])  # ... 2 here
+import jax
+from gnet_jax import parallel
+parallel.maybe_initialize_distributed(tp.make_config(
+    distributed=True, coordinator_address={address!r}, num_processes=2, process_id={pid}))
+assert jax.device_count() == 4 and jax.local_device_count() == 2
+result = tp.trajectory(True, {mode!r}, 4)
+if jax.process_index() == 0:
+  with open({out!r}, 'wb') as f:
+    pickle.dump(result, f)
+'''
+
+
+@pytest.mark.parametrize('mode', ['pmap', 'sharded'])
+def test_two_process_steps_match_single_device(mode, tmp_path):
+  """Parameters, optimizer state and metrics after each step, as on one device."""
+  address = f'127.0.0.1:{free_port()}'
+  out = tmp_path / 'result.pkl'
+  procs = []
+  try:
+    for pid in range(2):
+      code = WORKER.format(repo=str(REPO), tests=str(REPO / 'tests'), address=address, pid=pid,
+                           mode=mode, out=str(out))
+      procs.append(subprocess.Popen([sys.executable, '-c', code], cwd=REPO, env=child_env(2),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [proc.communicate(timeout=TIMEOUT_S) for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  for pid, (proc, (_, err)) in enumerate(zip(procs, results)):
+    assert proc.returncode == 0, f'process {pid} failed:\n{err[-3000:]}'
+  got = pickle.loads(out.read_bytes())
+  ref = trajectory(True, 'none', 1)
+  assert len(got) == len(ref) == STEPS
+  for r, g in zip(ref, got):
+    chex.assert_trees_all_close(g, r, rtol=RTOL, atol=ATOL)

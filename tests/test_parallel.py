@@ -107,9 +107,11 @@ def trajectory(aux: bool, mode: str, num_devices: int) -> list[dict]:
   step = runner.train_step(train.train_step, model=model, tx=tx, image_size=28,
                            aux_weight=config.aux_weight)
   state = runner.put_state(initial_state(aux))
+  rows = slice(jax.process_index() * BATCH // jax.process_count(),
+               (jax.process_index() + 1) * BATCH // jax.process_count())
   out = []
-  for batch in global_batches(STEPS):
-    state = step(state, runner.put_batch(batch))
+  for batch in global_batches(STEPS):  # each process passes only its own rows
+    state = step(state, runner.put_batch({k: v[rows] for k, v in batch.items()}))
     out.append(runner.to_host({'params': state.params, 'opt_state': state.opt_state,
                                'metrics': state.metrics, 'step': state.step}))
   return out
