@@ -133,7 +133,8 @@ def resolve_mode(mode: str, num_devices: int) -> str:
 
 def select_devices(requested: int, devices: list | None = None) -> list:
   """``requested`` devices (0 = all), the same number from every process, process-major."""
-  devices = sorted(devices or jax.devices(), key=lambda d: (d.process_index, d.id))
+  # Stable: keeps JAX's order (topology-aware on TPUs) within each process.
+  devices = sorted(devices or jax.devices(), key=lambda d: d.process_index)
   if not requested or requested == len(devices):
     return devices
   processes = jax.process_count()
