@@ -333,7 +333,9 @@ def load_torch_file(path: str | os.PathLike, *, trust_pickle: bool = False
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
-    if 'Unsupported global' not in str(e):  # not a class the safe loader refused: junk
+    # The safe loader names the class it refused ("Unsupported global" since torch 2.4,
+    # "Unsupported class" before); any other failure means the file is not a torch file.
+    if 'Unsupported global' not in str(e) and 'Unsupported class' not in str(e):
       raise StateDictError(f'{path}: not a PyTorch file torch.load can read ({_first_line(e)})'
                            ) from None
     if not trust_pickle:
