@@ -71,24 +71,31 @@ def _max_pool_3x3_bwd(stride, residuals, g):
   """Gradient by comparing the 9 shifted windows with the output.
 
   XLA:CPU lowers the stock gradient (select-and-scatter) to reduce-window +
-  iota + scatter, about a third of a 96x96 training step. Here each window
-  offset is an elementwise compare and a (strided) pad, which XLA fuses. The
-  first maximum in window order takes the gradient, as in PyTorch.
+  iota + scatter, about a third of a 96x96 training step. Here: (1) per
+  output, the window offset of its first maximum (in window order, as in
+  PyTorch); (2) per input, the sum of the gradients of the outputs that
+  picked it, read through strided shifts. Both are elementwise, so each
+  becomes one XLA loop fusion.
   """
   x, y = residuals
-  n, h, w, c = x.shape
-  dx = jnp.zeros((n, h + 2, w + 2, c), g.dtype)
-  taken = jnp.zeros(y.shape, bool)
+  _, h, w, _ = x.shape
   ho, wo = y.shape[1:3]
-  for di, dj, view in _window_views(x, stride, (ho, wo)):
-    hit = (view == y) & ~taken
-    taken = taken | hit
-    # Put the output-grid values back on the padded input grid at offset (di, dj).
-    contrib = jnp.where(hit, g, jnp.zeros_like(g))
-    dx = dx + jax.lax.pad(contrib, jnp.zeros((), g.dtype),
-                          ((0, 0, 0), (di, h + 2 - di - stride * (ho - 1) - 1, stride - 1),
-                           (dj, w + 2 - dj - stride * (wo - 1) - 1, stride - 1), (0, 0, 0)))
-  return (dx[:, 1:h + 1, 1:w + 1, :],)
+  first = jnp.full(y.shape, -1, jnp.int32)
+  for k, (_, _, view) in reversed(list(enumerate(_window_views(x, stride, (ho, wo))))):
+    first = jnp.where(view == y, k, first)
+  # Output o reads padded input q = stride * o + d at offset d. Spread the
+  # outputs `stride` apart and pad by 2: then input i (q = i + 1) meets the
+  # output that read it at offset d at index i + 3 - d.
+  spread = ((0, 0, 0), (2, h + 1 - stride * (ho - 1), stride - 1),
+            (2, w + 1 - stride * (wo - 1), stride - 1), (0, 0, 0))
+  g_spread = jax.lax.pad(g, jnp.zeros((), g.dtype), spread)
+  first_spread = jax.lax.pad(first, jnp.int32(-1), spread)
+  dx = jnp.zeros(x.shape, g.dtype)
+  for di in range(3):
+    for dj in range(3):
+      window = (slice(None), slice(3 - di, 3 - di + h), slice(3 - dj, 3 - dj + w))
+      dx = dx + jnp.where(first_spread[window] == 3 * di + dj, g_spread[window], 0)
+  return (dx,)
 
 
 _max_pool_3x3.defvjp(_max_pool_3x3_fwd, _max_pool_3x3_bwd)
@@ -132,12 +139,77 @@ class ConvParams(nn.Module):
     return k, self.param('bias', nn.initializers.zeros, (self.features,))
 
 
+def _lax_conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  ph, pw = kernel.shape[0] // 2, kernel.shape[1] // 2
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((ph, ph), (pw, pw)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _im2col_conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  kh, kw, cin, cout = kernel.shape
+  return jax.lax.dot_general(_patches(x, kh, kw), kernel.reshape(kh * kw * cin, cout),
+                             (((3,), (0,)), ((), ())))
+
+
+def _patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
+  """im2col for a stride-1 'same' conv: [N, H, W, kh*kw*C], taps in HWIO order."""
+  n, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  return jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)],
+                         axis=-1)
+
+
+@jax.custom_vjp
+def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Stride-1 convolution with 'same' padding (odd kernel), NHWC x HWIO -> NHWC.
+
+  Same forward as ``lax.conv_general_dilated``; the backward pass is
+  hand-written as two matrix products over im2col patches. XLA:CPU turns the
+  stock kernel gradient into a convolution that contracts over the batch with
+  the output as its window; for the small feature maps of this network
+  (1x1 to 14x14) those ran 10-50x slower per FLOP than a matmul and were
+  about 60% of a 28x28 training step.
+  """
+  if x.shape[1] > kernel.shape[0] and x.shape[2] > kernel.shape[1]:
+    return _lax_conv_same(x, kernel)
+  # XLA swaps the operands of a convolution whose kernel is not smaller than
+  # its input (here: 3x3 on 2x2, 5x5 on 4x4), which is slow on CPU as well.
+  return _im2col_conv_same(x, kernel)
+
+
+def _conv_same_fwd(x, kernel):
+  return conv_same(x, kernel), (x, kernel)
+
+
+def _conv_same_bwd(residuals, g):
+  x, kernel = residuals
+  kh, kw, cin, cout = kernel.shape
+  # dW[i, j, c, o] = sum over n, h, w of x_padded[n, h + i, w + j, c] * g[n, h, w, o].
+  dkernel = jax.lax.dot_general(_patches(x, kh, kw), g, (((0, 1, 2), (0, 1, 2)), ((), ())))
+  # dx is the 'same' conv of g with the kernel flipped in space and in/out swapped.
+  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)).reshape(kh * kw * cout, cin)
+  dx = jax.lax.dot_general(_patches(g, kh, kw), flipped, (((3,), (0,)), ((), ())))
+  return dx.astype(x.dtype), dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
 def apply_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype) -> jax.Array:
-  """What ``nn.Conv`` (stride 1, 'same' padding) computes with these parameters."""
+  """What ``nn.Conv`` (stride 1, 'same' padding) computes with these parameters.
+
+  Kernel taps that can only ever read padding (a 5x5 kernel on a 2x2 map, say)
+  are sliced away first: they add exact zeros, and their gradient is zero
+  either way, so the result is unchanged and the work shrinks.
+  """
   x, kernel, bias = (a.astype(dtype) for a in (x, kernel, bias))
-  pad = kernel.shape[0] // 2
-  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
-                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  kh, kw = kernel.shape[:2]
+  live_h, live_w = min(kh // 2, x.shape[1] - 1), min(kw // 2, x.shape[2] - 1)
+  kernel = kernel[kh // 2 - live_h:kh // 2 + live_h + 1, kw // 2 - live_w:kw // 2 + live_w + 1]
+  if kernel.shape[:2] == (1, 1):
+    y = jnp.einsum('nhwc,co->nhwo', x, kernel[0, 0])  # a 1x1 conv is a matmul
+  else:
+    y = conv_same(x, kernel)
   return y + bias
 
 
@@ -164,8 +236,8 @@ class Inception(nn.Module):
     fused = [ConvParams(c, 1, name=n)(x.shape[-1]) for c, n in zip(widths, ('p1_1', 'p2_1', 'p3_1'))]
     y = nn.relu(apply_conv(x, *(jnp.concatenate(t, axis=-1) for t in zip(*fused)), dtype=d))
     p1, p2, p3 = jnp.split(y, np.cumsum(widths)[:2], axis=-1)
-    p2 = nn.relu(conv(self.c2[1], 3, 'p2_2', d)(p2))
-    p3 = nn.relu(conv(self.c3[1], 5, 'p3_2', d)(p3))
+    p2 = nn.relu(apply_conv(p2, *ConvParams(self.c2[1], 3, name='p2_2')(p2.shape[-1]), dtype=d))
+    p3 = nn.relu(apply_conv(p3, *ConvParams(self.c3[1], 5, name='p3_2')(p3.shape[-1]), dtype=d))
     p4 = nn.relu(conv(self.c4, 1, 'p4_2', d)(max_pool_3x3(x, 1)))
     return jnp.concatenate([p1, p2, p3, p4], axis=-1)
 
@@ -182,7 +254,7 @@ class Stem(nn.Module):
       x = nn.relu(conv(64, 7, 'conv', self.dtype, stride=2)(x))
     else:
       x = nn.relu(conv(64, 1, 'conv1', self.dtype)(x))
-      x = nn.relu(conv(192, 3, 'conv2', self.dtype)(x))
+      x = nn.relu(apply_conv(x, *ConvParams(192, 3, name='conv2')(x.shape[-1]), dtype=self.dtype))
     return max_pool_3x3(x, 2)
 
 

@@ -64,3 +64,20 @@ def test_max_pool_grad_under_jit_and_second_order_shapes():
   np.testing.assert_allclose(jax.jit(jax.grad(loss))(x),
                              jax.grad(lambda v: jnp.sum(_stock_pool(v, 2) ** 2))(x),
                              rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('hw,k', [(7, 3), (4, 5), (2, 3), (2, 5), (1, 3), (1, 5), (3, 1)])
+def test_apply_conv_matches_flax_conv_values_and_grads(hw, k):
+  """The hand-written conv (im2col gradients, dead taps sliced away) is ``nn.Conv``'s math."""
+  kx, kk, kb, kg = jax.random.split(jax.random.key(hw * 10 + k), 4)
+  x = jax.random.normal(kx, (3, hw, hw, 4))
+  kernel = jax.random.normal(kk, (k, k, 4, 5))
+  bias = jax.random.normal(kb, (5,))
+  g = jax.random.normal(kg, (3, hw, hw, 5))
+  stock = nn.Conv(5, (k, k), padding=((k // 2, k // 2),) * 2)
+  ours_y, ours_vjp = jax.vjp(lambda *a: models.apply_conv(*a, dtype=jnp.float32), x, kernel, bias)
+  ref_y, ref_vjp = jax.vjp(
+      lambda x_, k_, b_: stock.apply({'params': {'kernel': k_, 'bias': b_}}, x_), x, kernel, bias)
+  np.testing.assert_allclose(ours_y, ref_y, rtol=1e-5, atol=1e-5)
+  for ours, ref in zip(ours_vjp(g), ref_vjp(g)):
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=2e-5)
