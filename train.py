@@ -10,6 +10,12 @@ from pathlib import Path
 # ml_collections' config loader uses a deprecated importlib call on Python >= 3.11.
 warnings.filterwarnings('ignore', message='.*load_module.*', category=DeprecationWarning)
 
+# Per-platform XLA defaults (docs/performance.md) must be in XLA_FLAGS before JAX
+# starts; GNET_JAX_XLA_DEFAULTS=0 opts out. Standard library only: JAX is not imported.
+from gnet_jax import platform as _platform  # noqa: E402
+
+_platform.apply_defaults()
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 

@@ -1,0 +1,34 @@
+"""Smoke test of the benchmark script: one tiny step per framework, table printed.
+
+Benchmarks are never timed in the test suite; this only checks that
+``benchmarks/throughput.py`` runs end to end and prints its table.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+HAS_TORCH = importlib.util.find_spec('torch') is not None
+
+
+def test_throughput_script_runs_one_tiny_step_and_prints_table(tmp_path):
+  out = tmp_path / 'result.json'
+  cmd = [sys.executable, str(REPO / 'benchmarks' / 'throughput.py'), '--sizes', '16',
+         '--batch', '2', '--steps', '1', '--warmup', '1', '--tasks', 'train',
+         '--jax-variants', 'gnet-jax', '--json', str(out)]
+  if not HAS_TORCH:
+    cmd.append('--no-torch')
+  # Workers inherit conftest's persistent compilation cache through the environment.
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  table = proc.stdout
+  assert '| size | task | framework | img/s median |' in table
+  assert '| 16 | train | gnet-jax |' in table
+  assert 'machine:' in table and 'versions:' in table
+  if HAS_TORCH:
+    assert '| 16 | train | PyTorch original |' in table
+  rows = json.loads(out.read_text())['results'][0]['tasks']['train']
+  assert rows['gnet-jax']['steps'] == 1 and rows['gnet-jax']['median'] > 0
