@@ -20,9 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.aux_weight = 0.0  # > 0 adds GoogLeNet's two auxiliary heads to the training loss
   config.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
   # Optimisation (the reference recipe: plain SGD, lr 0.1, batch 128).
+  config.optimizer = 'sgd'  # 'sgd' or 'adam'
   config.learning_rate = 0.1
-  config.momentum = 0.0
-  config.nesterov = False
+  config.momentum = 0.0  # sgd only
+  config.nesterov = False  # sgd only
   config.batch_size = 128  # global batch, split across devices and processes
   config.eval_batch_size = 0  # 0 = batch_size
   config.num_epochs = 10
