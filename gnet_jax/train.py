@@ -295,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   host_state = create_train_state(config, data.image_shape, model, tx)
 
   # Resume: the newest readable checkpoint, checked against this config first.
-  start_step, damaged = 0, []
+  start_step, damaged, restored = 0, [], None
   if checkpoint.checkpoint_dir(workdir).is_dir():
     reader = checkpoint.open_manager(workdir, read_only=True)
     try:
@@ -319,7 +319,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     (workdir / 'config.json').write_text(config.to_json(indent=2) + '\n')
     print(f'data: {data.source} ({len(data.train_labels)} train, {len(data.test_labels)} test)')
     print(runner.describe(config.batch_size))
-    if start_step:
+    if restored is not None and not start_step:
+      print('starting from the step-0 checkpoint in the workdir (e.g. imported weights)')
+    elif start_step:
       print(f'resuming from the checkpoint at step {start_step} (epoch '
             f'{start_step // steps_per_epoch + 1}, step {start_step % steps_per_epoch} of '
             f'{steps_per_epoch})')
