@@ -186,9 +186,11 @@ def _conv_same_bwd(residuals, g):
   kh, kw, cin, cout = kernel.shape
   # dW[i, j, c, o] = sum over n, h, w of x_padded[n, h + i, w + j, c] * g[n, h, w, o].
   dkernel = jax.lax.dot_general(_patches(x, kh, kw), g, (((0, 1, 2), (0, 1, 2)), ((), ())))
-  # dx is the 'same' conv of g with the kernel flipped in space and in/out swapped.
-  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)).reshape(kh * kw * cout, cin)
-  dx = jax.lax.dot_general(_patches(g, kh, kw), flipped, (((3,), (0,)), ((), ())))
+  if x.shape[1] > kh and x.shape[2] > kw:  # XLA's own input gradient is fast here (1.1x at 96)
+    dx = jax.vjp(lambda v: _lax_conv_same(v, kernel), x)[1](g)[0]
+  else:  # the 'same' conv of g with the kernel flipped in space and in/out swapped
+    flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)).reshape(kh * kw * cout, cin)
+    dx = jax.lax.dot_general(_patches(g, kh, kw), flipped, (((3,), (0,)), ((), ())))
   return dx.astype(x.dtype), dkernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
