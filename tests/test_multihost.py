@@ -78,9 +78,8 @@ def run_two_processes(workdir: Path, idx_dir: Path, mode: str) -> list[tuple[int
 
 
 # Each process compiles GoogLeNet itself (the persistent cache does not serve the
-# two-process program), 2-4 minutes apiece on a busy 2-core machine: opt in with
-# GNET_TEST_SLOW=1. pmap across processes is covered by the step test below.
-@pytest.mark.skipif(not os.environ.get('GNET_TEST_SLOW'), reason='slow: set GNET_TEST_SLOW=1')
+# two-process program): about a minute on a quiet 2-core machine. pmap across
+# processes is covered by the step test below.
 @pytest.mark.parametrize('mode', ['sharded'])
 def test_two_processes_match_single_device(mode, tmp_path, idx_dir):
   # One workdir for both, as on a shared file system: only process 0 writes to it.
