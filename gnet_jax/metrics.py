@@ -40,6 +40,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 def plot_curves(history: list[dict], path: str | os.PathLike) -> None:
   """Train loss, train acc and test acc against epoch, like the d2l live plot."""
   import matplotlib
+  import matplotlib.ticker
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
@@ -50,6 +51,7 @@ def plot_curves(history: list[dict], path: str | os.PathLike) -> None:
     ax.plot(epochs, [m[key] for m in history], style, marker='o', markersize=3, label=label)
   ax.set_xlabel('epoch')
   ax.set_xlim(0.5, max(epochs) + 0.5)
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.grid(True, alpha=0.3)
   ax.legend()
   fig.tight_layout()
