@@ -29,7 +29,11 @@ from test_parallel import (ATOL, RTOL, STEPS, assert_same_metrics, cli_args,
 
 TIMEOUT_S = 400  # per two-process run
 CLI_TIMEOUT_S = 900
-GLOO_LINE = r'\d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+'
+# gloo's connection report ("[Gloo] Rank 1 is connected to 3 peer ranks. Expected number of
+# connected peer ranks is : 3"), which its threads may interleave mid-line: only its words,
+# numbers and punctuation may appear in process 1's output.
+GLOO_WORDS = (r'\[Gloo\]|Rank|is connected to|peer ranks|Expected number of connected|is :|'
+              r'[\d.\s]')
 
 
 def free_port() -> int:
@@ -92,7 +96,7 @@ def test_two_processes_match_single_device(mode, tmp_path, idx_dir):
   assert 'per-device batch 2' in out0
   assert out0.count('epoch ') == 2 and 'epoch 2/2' in out0
   # Process 1 prints nothing (gloo's own connection lines aside, which two threads may interleave).
-  assert re.sub(GLOO_LINE, '', out1.replace('[Gloo] Rank ', '')).strip() == ''
+  assert re.sub(GLOO_WORDS, '', out1) == '', out1
   assert {'config.json', 'metrics.jsonl', 'curves.png'} <= {p.name for p in workdir.iterdir()}
   got = metrics_lib.read_jsonl(workdir / 'metrics.jsonl')
   assert [m['epoch'] for m in got] == [1, 2]  # written once, not once per process
