@@ -35,66 +35,67 @@ B5_BLOCKS = ((256, (160, 320), (32, 128), 128), (384, (192, 384), (48, 128), 128
 AUX_TAPS = (1, 4)
 
 
-def _max_pool_3x3_fwd_only(x: jax.Array, stride: int) -> jax.Array:
-  # ``lax.reduce_window`` pads with the init value (-inf), so padding never
-  # wins the max, matching PyTorch.
-  return nn.max_pool(x, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))
-
-
-def _window_views(x: jax.Array, stride: int, out_hw: tuple[int, int]):
+def _window_views(x: jax.Array, stride: int) -> list[jax.Array]:
   """The 9 strided views of ``x`` (padded by 1 with -inf) that a 3x3 window reads.
 
-  View ``(di, dj)`` holds, for every output position, the input element at
-  window offset ``(di, dj)``; the views come in PyTorch's window order (row by row).
+  View ``3 * di + dj`` holds, for every output position, the input element at
+  window offset ``(di, dj)``; the views come in PyTorch's window order (row by
+  row). Padding with -inf means padding never wins a maximum, as in PyTorch.
   """
-  n, _, _, c = x.shape
-  ho, wo = out_hw
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  for di in range(3):
-    for dj in range(3):
-      yield di, dj, jax.lax.slice(
-          xp, (0, di, dj, 0), (n, di + stride * (ho - 1) + 1, dj + stride * (wo - 1) + 1, c),
-          (1, stride, stride, 1))
+  n, h, w, c = x.shape
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  xp = jax.lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (1, 1, 0), (1, 1, 0), (0, 0, 0)))
+  return [jax.lax.slice(xp, (0, di, dj, 0),
+                        (n, di + stride * (ho - 1) + 1, dj + stride * (wo - 1) + 1, c),
+                        (1, stride, stride, 1))
+          for di in range(3) for dj in range(3)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
-  return _max_pool_3x3_fwd_only(x, stride)
+  # The elementwise maximum of the 9 views is one loop fusion; XLA:CPU's
+  # reduce-window, which nn.max_pool becomes, was slower in the train step.
+  return functools.reduce(jnp.maximum, _window_views(x, stride))
 
 
 def _max_pool_3x3_fwd(x, stride):
-  y = _max_pool_3x3_fwd_only(x, stride)
-  return y, (x, y)
+  views = _window_views(x, stride)
+  y = functools.reduce(jnp.maximum, views)
+  # Window offset (0..8) of each output's first maximum in window order, the
+  # element PyTorch's max-pool routes the gradient to. int8 keeps the residual
+  # at a quarter of y's size.
+  first = jnp.full(y.shape, 8, jnp.int8)
+  for k in range(7, -1, -1):
+    first = jnp.where(views[k] == y, jnp.int8(k), first)
+  return y, (first, x.shape)
 
 
 def _max_pool_3x3_bwd(stride, residuals, g):
-  """Gradient by comparing the 9 shifted windows with the output.
+  """Each input sums the gradients of the outputs whose first maximum it is.
 
   XLA:CPU lowers the stock gradient (select-and-scatter) to reduce-window +
-  iota + scatter, about a third of a 96x96 training step. Here: (1) per
-  output, the window offset of its first maximum (in window order, as in
-  PyTorch); (2) per input, the sum of the gradients of the outputs that
-  picked it, read through strided shifts. Both are elementwise, so each
-  becomes one XLA loop fusion.
+  iota + scatter, about a third of a 96x96 training step. Here it is
+  elementwise: 9 shifted reads of the spread-out output gradient and window
+  offsets, compared and summed in one loop fusion.
   """
-  x, y = residuals
-  _, h, w, _ = x.shape
-  ho, wo = y.shape[1:3]
-  first = jnp.full(y.shape, -1, jnp.int32)
-  for k, (_, _, view) in reversed(list(enumerate(_window_views(x, stride, (ho, wo))))):
-    first = jnp.where(view == y, k, first)
+  first, (_, h, w, _) = residuals
+  ho, wo = g.shape[1:3]
   # Output o reads padded input q = stride * o + d at offset d. Spread the
   # outputs `stride` apart and pad by 2: then input i (q = i + 1) meets the
   # output that read it at offset d at index i + 3 - d.
   spread = ((0, 0, 0), (2, h + 1 - stride * (ho - 1), stride - 1),
             (2, w + 1 - stride * (wo - 1), stride - 1), (0, 0, 0))
   g_spread = jax.lax.pad(g, jnp.zeros((), g.dtype), spread)
-  first_spread = jax.lax.pad(first, jnp.int32(-1), spread)
-  dx = jnp.zeros(x.shape, g.dtype)
+  first_spread = jax.lax.pad(first, jnp.int8(-1), spread)
+  # Materialise the two padded arrays: fused into the sum below, each of its
+  # 9 reads would re-evaluate the padding bounds (1.12x slower step at 96x96).
+  g_spread, first_spread = jax.lax.optimization_barrier((g_spread, first_spread))
+  dx = None
   for di in range(3):
     for dj in range(3):
       window = (slice(None), slice(3 - di, 3 - di + h), slice(3 - dj, 3 - dj + w))
-      dx = dx + jnp.where(first_spread[window] == 3 * di + dj, g_spread[window], 0)
+      term = jnp.where(first_spread[window] == 3 * di + dj, g_spread[window], 0)
+      dx = term if dx is None else dx + term
   return (dx,)
 
 
@@ -104,8 +105,8 @@ _max_pool_3x3.defvjp(_max_pool_3x3_fwd, _max_pool_3x3_bwd)
 def max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
   """3x3 max-pool with padding 1, as ``nn.MaxPool2d(3, stride, padding=1)``.
 
-  Same forward as ``nn.max_pool``; the gradient is hand-written (see
-  ``_max_pool_3x3_bwd``) because XLA:CPU's own is slow.
+  Same values as ``nn.max_pool``; forward and gradient are hand-written (see
+  ``_max_pool_3x3_bwd``) because XLA:CPU's own are slow.
   """
   return _max_pool_3x3(x, stride)
 
