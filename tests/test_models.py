@@ -79,7 +79,10 @@ def test_inception_branches_and_concatenation_order():
   params = jax.jit(block.init)(jax.random.key(2), x)['params']
   # Non-zero biases, so a bias mix-up between branches would show.
   params = jax.tree.map(lambda p: p + 0.1 * np.arange(p.size).reshape(p.shape) / p.size, params)
-  out = jax.jit(block.apply)({'params': params}, x)
+  # Full float32 passes, so that on GPU/TPU the fused 1x1 matmul and the
+  # reference's convolutions are not rounded through TF32/bf16 differently.
+  with jax.default_matmul_precision('float32'):
+    out = jax.jit(block.apply)({'params': params}, x)
   chex.assert_shape(out, (2, 5, 7, 3 + 5 + 6 + 7))
 
   @jax.jit
@@ -91,7 +94,9 @@ def test_inception_branches_and_concatenation_order():
         _conv(models.max_pool_3x3(x, 1), p['p4_2'], 0),
     ], -1)
 
-  chex.assert_trees_all_close(out, by_hand(params, x), atol=1e-5)
+  with jax.default_matmul_precision('float32'):
+    expected = by_hand(params, x)
+  chex.assert_trees_all_close(out, expected, atol=1e-5)
 
 
 def test_max_pool_padding_never_wins():

@@ -75,9 +75,15 @@ def test_apply_conv_matches_flax_conv_values_and_grads(hw, k):
   bias = jax.random.normal(kb, (5,))
   g = jax.random.normal(kg, (3, hw, hw, 5))
   stock = nn.Conv(5, (k, k), padding=((k // 2, k // 2),) * 2)
-  ours_y, ours_vjp = jax.vjp(lambda *a: models.apply_conv(*a, dtype=jnp.float32), x, kernel, bias)
-  ref_y, ref_vjp = jax.vjp(
-      lambda x_, k_, b_: stock.apply({'params': {'kernel': k_, 'bias': b_}}, x_), x, kernel, bias)
+  # Full float32 passes: on GPU/TPU the default precision rounds matmuls and
+  # convolutions through TF32/bf16, differently for each, and this compares the math.
+  with jax.default_matmul_precision('float32'):
+    ours_y, ours_vjp = jax.vjp(lambda *a: models.apply_conv(*a, dtype=jnp.float32),
+                               x, kernel, bias)
+    ref_y, ref_vjp = jax.vjp(
+        lambda x_, k_, b_: stock.apply({'params': {'kernel': k_, 'bias': b_}}, x_),
+        x, kernel, bias)
+    ours_grads, ref_grads = ours_vjp(g), ref_vjp(g)
   np.testing.assert_allclose(ours_y, ref_y, rtol=1e-5, atol=1e-5)
-  for ours, ref in zip(ours_vjp(g), ref_vjp(g)):
+  for ours, ref in zip(ours_grads, ref_grads):
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=2e-5)
