@@ -46,7 +46,7 @@ class Runner:
 
   @property
   def local_devices(self) -> tuple:
-    return tuple(d for d in self.devices if d.process_index == jax.process_index())
+    return _process_local(self.devices)
 
   @property
   def device_label(self) -> str:
@@ -131,6 +131,11 @@ def resolve_mode(mode: str, num_devices: int) -> str:
   return mode
 
 
+def _process_local(devices) -> tuple:
+  """This process's devices among ``devices``, in their order."""
+  return tuple(d for d in devices if d.process_index == jax.process_index())
+
+
 def select_devices(requested: int, devices: list | None = None) -> list:
   """``requested`` devices (0 = all), the same number from every process, process-major."""
   # Stable: keeps JAX's order (topology-aware on TPUs) within each process.
@@ -164,8 +169,7 @@ def make_runner(config: ml_collections.ConfigDict, devices: list | None = None) 
   if mode == 'sharded':
     mesh = Mesh(np.array(devices), (DATA_AXIS,))
   elif mode == 'pmap':
-    local = [d for d in devices if d.process_index == jax.process_index()]
-    mesh = Mesh(np.array(local), (PMAP_AXIS,))
+    mesh = Mesh(np.array(_process_local(devices)), (PMAP_AXIS,))
   return Runner(mode=mode, devices=tuple(devices), mesh=mesh)
 
 
