@@ -75,6 +75,7 @@ def jax_worker(args) -> None:
   import functools
 
   import jax
+  import ml_collections
   import numpy as np
   import optax
 
@@ -84,10 +85,9 @@ def jax_worker(args) -> None:
   device = jax.devices()[0]
   model = models.GoogLeNet()
   tx = optax.sgd(0.1)
-  params = models.init_params(model, 0, (args.size, args.size, 1))
-  state = train.TrainState(step=np.int32(0), params=params, opt_state=tx.init(params),
-                           rng=np.zeros(2, np.uint32), metrics=train.zero_metrics())
-  state = jax.device_put(state, device)
+  config = ml_collections.ConfigDict({'image_size': args.size, 'seed': 0})
+  state = jax.device_put(train.create_train_state(config, (args.size, args.size, 1), model, tx),
+                         device)
   images, labels = _random_batch(args.batch, args.size)
   batch = jax.device_put({'image': images, 'label': labels}, device)
   eval_batch = jax.device_put({'image': images, 'label': labels,
