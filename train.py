@@ -12,9 +12,9 @@ warnings.filterwarnings('ignore', message='.*load_module.*', category=Deprecatio
 
 # Per-platform XLA defaults (docs/performance.md) must be in XLA_FLAGS before JAX
 # starts; GNET_JAX_XLA_DEFAULTS=0 opts out. Standard library only: JAX is not imported.
-from gnet_jax import platform as _platform  # noqa: E402
+from gnet_jax import xla_flags  # noqa: E402
 
-_platform.apply_defaults()
+xla_flags.apply_defaults()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -36,7 +36,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config_path = config_flags.get_config_filename(FLAGS['config'])
   workdir = FLAGS.workdir or str(Path('runs') / Path(config_path).stem)
-  sys.exit(cli.run(FLAGS.config, workdir, summary=FLAGS.summary))
+  sys.exit(cli.run_command(cli.train, FLAGS.config, workdir, summary=FLAGS.summary))
 
 
 if __name__ == '__main__':

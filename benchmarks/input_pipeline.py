@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gnet_jax import platform as gplatform  # noqa: E402
+from gnet_jax import xla_flags  # noqa: E402
 
-gplatform.apply_defaults()
+xla_flags.apply_defaults()
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402

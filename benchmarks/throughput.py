@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as py_platform
+import platform
 import resource
 import statistics
 import subprocess
@@ -69,8 +69,8 @@ def _random_batch(batch: int, size: int, seed: int = 0):
 
 def jax_worker(args) -> None:
   """Serves 'train'/'eval'/'done' requests on stdin for gnet-jax."""
-  from gnet_jax import platform as gplatform
-  added = gplatform.apply_defaults()  # before jax starts, as train.py does
+  from gnet_jax import xla_flags
+  added = xla_flags.apply_defaults()  # before jax starts, as train.py does
 
   import functools
 
@@ -210,7 +210,7 @@ class Worker:
 
 
 def machine_info(jax_info: dict | None, torch_info: dict | None) -> dict:
-  cpu = py_platform.processor() or 'unknown'
+  cpu = platform.processor() or 'unknown'
   try:
     for line in Path('/proc/cpuinfo').read_text().splitlines():
       if line.startswith('model name'):
@@ -218,13 +218,13 @@ def machine_info(jax_info: dict | None, torch_info: dict | None) -> dict:
         break
   except OSError:
     pass
-  versions = {'python': py_platform.python_version()}
+  versions = {'python': platform.python_version()}
   for module in ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'numpy'):
     try:
       versions[module] = __import__(module).__version__
     except ImportError:
       pass
-  return {'cpu': cpu, 'cores': os.cpu_count(), 'os': py_platform.platform(),
+  return {'cpu': cpu, 'cores': os.cpu_count(), 'os': platform.platform(),
           'jax_device': (jax_info or {}).get('device'),
           'torch_device': (torch_info or {}).get('device'),
           'torch_threads': (torch_info or {}).get('threads'), 'versions': versions}

@@ -19,6 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Model.
   config.aux_weight = 0.0  # > 0 adds GoogLeNet's two auxiliary heads to the training loss
   config.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
+  # Pooling/conv kernels: 'auto' (hand-written on CPU, XLA's stock ops on GPU/TPU), 'xla' or
+  # 'custom' (see gnet_jax/ops.py). Same numbers either way; a resume may change it.
+  config.kernels = 'auto'
+  config.bias_init = 'zeros'  # 'zeros', or 'torch' (uniform +-1/sqrt(fan_in), PyTorch's default)
   # Optimisation (the reference recipe: plain SGD, lr 0.1, batch 128).
   config.optimizer = 'sgd'  # 'sgd' or 'adam'
   config.learning_rate = 0.1
@@ -40,4 +44,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_checkpoints = 3  # keep the newest N checkpoints; 0 = keep all
   # Output.
   config.progress = True  # tqdm bar within an epoch (only on a terminal)
+  # Training loss/accuracy every N steps (steps.jsonl, TensorBoard, curves.png);
+  # -1 = about 5 points per epoch, 0 = only at epoch ends.
+  config.log_every_steps = -1
+  config.profile_steps = 0  # > 0: a jax.profiler trace of that many steps (after warm-up)
+  # Persistent XLA compilation cache, so a second run starts in seconds: 'auto' (a
+  # per-user folder, ~/.cache/gnet_jax/xla), a folder, or 'off'. The environment
+  # variable JAX_COMPILATION_CACHE_DIR, when set, wins.
+  config.compilation_cache = 'auto'
   return config

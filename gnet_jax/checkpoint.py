@@ -19,6 +19,7 @@ warning, newest first; nothing here ever deletes one.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +28,8 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from gnet_jax.errors import CheckpointError
 
 CHECKPOINT_DIR = 'checkpoints'
 ITEMS = ('state', 'config')
@@ -39,12 +42,9 @@ ITEMS = ('state', 'config')
 RESUMABLE_CHANGES = frozenset({
     'num_epochs', 'progress', 'checkpoint_every_steps', 'max_checkpoints',
     'eval_batch_size', 'data_dir', 'parallelism', 'num_devices', 'distributed',
-    'coordinator_address', 'num_processes', 'process_id',
+    'coordinator_address', 'num_processes', 'process_id', 'kernels', 'log_every_steps',
+    'profile_steps', 'compilation_cache',
 })
-
-
-class CheckpointError(Exception):
-  """No usable checkpoint, or one that does not fit the config; the message says what to do."""
 
 
 def checkpoint_dir(workdir: str | Path) -> Path:
@@ -93,6 +93,13 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(host_tree(state)),
       config=ocp.args.JsonSave(config_dict(config))), force=True)
+
+
+def bytes_needed(state: Any, config: ml_collections.ConfigDict) -> int:
+  """Disk space the run's checkpoints may take: the kept copies of ``state`` plus one being written."""
+  size = sum(np.asarray(x).nbytes for x in jax.tree.leaves(state))
+  kept = config.max_checkpoints or config.num_epochs
+  return size * (kept + 1)
 
 
 def config_differences(saved: dict, config: ml_collections.ConfigDict | dict) -> list[str]:
@@ -207,14 +214,6 @@ def restore(manager: ocp.CheckpointManager, target: Any,
       'see the warnings above); nothing was deleted: move the folder away to start afresh')
 
 
-def _target_for(config: ml_collections.ConfigDict) -> Any:
-  """A fresh host state with the structure ``config``'s model and optimizer produce."""
-  from gnet_jax import train  # late import: train imports this module
-
-  model, tx = train.make_model(config), train.make_optimizer(config)
-  return train.create_train_state(config, (config.image_size, config.image_size, 1), model, tx)
-
-
 def save_state(workdir: str | Path, state: Any, config: ml_collections.ConfigDict) -> Path:
   """Writes ``state`` (e.g. imported weights) as a checkpoint plus ``config.json`` in ``workdir``.
 
@@ -250,37 +249,74 @@ def _existing_steps(workdir: str | Path) -> list[int]:
     manager.close()
 
 
-def restore_latest(workdir: str | Path, step: int | None = None
-                   ) -> tuple[Any, ml_collections.ConfigDict, int]:
-  """The newest readable (or exactly ``step``'s) checkpoint in ``workdir``, on the host.
-
-  Returns ``(state, config, step)`` where ``config`` is the one saved with the
-  checkpoint. Raises ``CheckpointError`` when there is none.
-  """
+def _open_existing(workdir: str | Path) -> ocp.CheckpointManager:
   if not checkpoint_dir(workdir).is_dir():
     raise CheckpointError(f'no checkpoints in {checkpoint_dir(workdir)}; train first '
                           f'(python train.py --config ... --workdir {workdir})')
-  manager = open_manager(workdir, read_only=True)
+  return open_manager(workdir, read_only=True)
+
+
+def read_newest_config(workdir: str | Path, step: int | None = None) -> ml_collections.ConfigDict:
+  """The config saved with the newest readable checkpoint of ``workdir`` (or ``step``'s).
+
+  Callers build the restore target from it (``gnet_jax.state.load_checkpoint``).
+  """
+  manager = _open_existing(workdir)
   try:
     steps = sorted(manager.all_steps(), reverse=True)
     if step is not None:
-      steps = [step] if step in steps else []
-      if not steps:
+      if step not in steps:
         raise CheckpointError(f'no checkpoint for step {step} in {manager.directory}; available '
-                              f'steps: {", ".join(map(str, sorted(manager.all_steps()))) or "none"}')
+                              f'steps: {", ".join(map(str, sorted(steps))) or "none"}')
+      steps = [step]
     if not steps:
       raise CheckpointError(f'no checkpoints in {manager.directory}; train first')
-    # The state's structure depends on the saved config: read the newest readable one.
-    saved = None
     for s in steps:
       try:
-        saved = ml_collections.ConfigDict(read_config(manager, s))
-        break
-      except Exception:  # pylint: disable=broad-except  (restore() below warns about it)
+        return ml_collections.ConfigDict(read_config(manager, s))
+      except Exception:  # pylint: disable=broad-except  (restore_from_workdir warns about it)
         continue
-    target = _target_for(saved) if saved is not None else {}
-    # With no readable config, this warns about every step and raises CheckpointError.
-    state, saved_config, restored_step, _ = restore(manager, target, step=step)
+    # None readable: restore() reports every step and raises CheckpointError.
+    restore(manager, {}, step=step)
+    raise CheckpointError(f'no readable checkpoint in {manager.directory}')
+  finally:
+    manager.close()
+
+
+def restore_from_workdir(workdir: str | Path, target: Any, step: int | None = None
+                         ) -> tuple[Any, ml_collections.ConfigDict, int]:
+  """``restore`` on ``workdir``'s checkpoints; ``(state, saved_config, step)``, or CheckpointError."""
+  manager = _open_existing(workdir)
+  try:
+    restored = restore(manager, target, step=step)
+    if restored is None:
+      raise CheckpointError(f'no checkpoints in {manager.directory}; train first')
+    state, saved_config, restored_step, _ = restored
     return state, ml_collections.ConfigDict(saved_config), restored_step
   finally:
     manager.close()
+
+
+def quarantine(manager: ocp.CheckpointManager, workdir: str | Path, step: int) -> Path | None:
+  """Moves a damaged checkpoint that a new one is about to replace to ``damaged_checkpoints/``.
+
+  Orbax never overwrites a step, and a damaged checkpoint is never deleted by
+  this program: it stays for the user to inspect or remove. With several
+  processes only process 0 moves it, and every process waits for the move
+  before any reloads the checkpoint list.
+  """
+  workdir, dest = Path(workdir).absolute(), None
+  if jax.process_index() == 0:
+    dest = workdir / 'damaged_checkpoints' / str(step)
+    n = 1
+    while dest.exists():
+      dest, n = workdir / 'damaged_checkpoints' / f'{step}.{n}', n + 1
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(checkpoint_dir(workdir) / str(step), dest)
+    warn(f'moved the unreadable checkpoint at step {step} to {dest} before saving a new one '
+         'at that step')
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f'gnet_jax quarantine {step}')
+  manager.reload()
+  return dest

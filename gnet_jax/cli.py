@@ -1,59 +1,102 @@
-"""Command-line glue shared by ``train.py``: clear errors instead of tracebacks."""
+"""Command-line glue shared by ``train.py`` and the ``python -m gnet_jax.*`` commands.
+
+Bad input (``gnet_jax.errors.InputError``) becomes one ``error: ...`` line and
+exit status 2; any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
+from typing import Any, Callable
 
-import ml_collections
 from absl import flags
 
-from gnet_jax.input_pipeline import DatasetError
+from gnet_jax.errors import ConfigError, InputError
+
+CONFIG_HINT = ('config keys are listed in configs/default.py and the README; '
+               'override one with --config.KEY=VALUE')
 
 
-def _fail(message: str) -> None:
+def quiet_logs() -> None:
+  """Hides routine absl/orbax log lines and ml_collections' deprecation warning."""
+  from absl import logging as absl_logging
+  warnings.filterwarnings('ignore', message='.*load_module.*', category=DeprecationWarning)
+  absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+def parse_config_flags(argv: list[str], flag_values: flags.FlagValues) -> list[str]:
+  """absl flag parsing; config mistakes raise ``ConfigError`` before any work starts.
+
+  ml_collections reports an unknown ``--config.KEY`` as a bare AttributeError
+  and a config file that fails to load only when the config is first used;
+  both are turned into a clear message here.
+  """
+  from ml_collections import config_flags
+
+  try:
+    rest = flag_values(argv)
+  except (AttributeError, KeyError) as e:
+    bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    raise ConfigError(f'unknown config key in {" ".join(bad) or "the overrides"} ({e}); '
+                      f'{CONFIG_HINT}') from None
+  except flags.Error as e:
+    if '--config.' not in str(e):
+      raise
+    raise ConfigError(f'{e}; {CONFIG_HINT}') from None
+  if 'config' in flag_values:
+    try:
+      flag_values.config.keys()  # raises the deferred load error, if any
+    except AttributeError:
+      pass  # no --config given and no default: the command says what it needs
+    except (OSError, ImportError, SyntaxError) as e:
+      path = config_flags.get_config_filename(flag_values['config'])
+      reason = 'no such file' if not os.path.isfile(path) else ' '.join(str(e).split())
+      raise ConfigError(f'cannot load the config file {path}: {reason} '
+                        '(pass --config configs/<name>.py)') from None
+  return rest
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """``train.py``'s flag parser for ``absl.app.run``: config mistakes exit with status 2."""
+  try:
+    return parse_config_flags(argv, flags.FLAGS)
+  except ConfigError as e:
+    fail(str(e))
+  except flags.Error as e:
+    fail(str(e))
+
+
+def fail(message: str) -> None:
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with config mistakes as one clear line and exit status 2.
-
-  ml_collections reports an unknown ``--config.KEY`` as a bare AttributeError
-  and a config file that fails to load only when the config is first used;
-  both are caught here, before any work starts.
-  """
-  hint = ('config keys are listed in configs/default.py and the README; '
-          'override one with --config.KEY=VALUE')
-  try:
-    rest = flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
-    _fail(f'unknown config key in {" ".join(bad) or "the overrides"} ({e}); {hint}')
-  except flags.Error as e:
-    _fail(f'{e}; {hint}' if '--config.' in str(e) else str(e))
-  if 'config' in flags.FLAGS:
-    try:
-      flags.FLAGS.config.keys()  # raises the deferred load error, if any
-    except (OSError, ImportError, SyntaxError) as e:
-      _fail(' '.join(str(e).split()) + ' (pass --config configs/<name>.py)')
-  return rest
-
-
-def run(config: ml_collections.ConfigDict, workdir: str, summary: bool = False) -> int:
-  """Runs the command; a known kind of bad input is an ``error:`` line and exit status 2."""
-  from gnet_jax import checkpoint, models, parallel, train  # imported late: keeps --help fast
+def run_command(fn: Callable[..., int], *args: Any, **kwargs: Any) -> int:
+  """Runs a command; ``InputError`` -> ``error:`` line and 2, ``Interrupted`` -> its exit code."""
+  from gnet_jax import preemption
 
   try:
-    if summary:
-      size = config.image_size
-      print(models.summary(train.make_model(config), (size, size, 1)))
-      return 0
-    parallel.maybe_initialize_distributed(config)
-    train.train_and_evaluate(config, workdir)
-    return 0
-  except train.Interrupted as e:  # a checkpoint was saved; the message says how to resume
+    return fn(*args, **kwargs)
+  except preemption.Interrupted as e:  # a checkpoint was saved; the message says how to resume
     print(e, file=sys.stderr)
     return e.exit_code
-  except (DatasetError, ValueError, checkpoint.CheckpointError) as e:
+  except InputError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+
+
+def train(config, workdir: str, summary: bool = False) -> int:
+  """``train.py``'s work: the shape table, or a training run."""
+  from gnet_jax import config as config_lib, input_pipeline, models, parallel, state, train as tr
+
+  config_lib.validate(config)
+  if summary:
+    spec = input_pipeline.dataset_spec(config.dataset)
+    size = config.image_size
+    print(models.summary(state.create_model(config, spec), (size, size, spec.image_shape[-1])))
+    return 0
+  parallel.maybe_initialize_distributed(config)
+  tr.train_and_evaluate(config, workdir)
+  return 0

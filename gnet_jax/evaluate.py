@@ -3,67 +3,40 @@
 Restores the newest readable checkpoint in ``DIR/checkpoints`` (or step ``N``),
 rebuilds the model from the config saved with it, and prints accuracy and loss
 over the whole test split plus a confusion matrix, also saved as
-``DIR/confusion.png``. Runs on one device whatever layout trained the
-checkpoint (checkpoints are layout-free).
+``DIR/confusion.png``. It runs the same evaluation as training
+(``train.evaluate``) on one device, whatever layout trained the checkpoint
+(checkpoints are layout-free).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-CLASS_NAMES = {
-    'mnist': [str(i) for i in range(10)],
-    'fashion_mnist': ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
-                      'Sneaker', 'Bag', 'Ankle boot'],
-}
-
-
-def _predict(params, batch, *, model, image_size):
-  """Predicted class and per-example loss: enough for accuracy, loss and the confusion matrix."""
-  from gnet_jax import train
-
-  logits = model.apply({'params': params}, train.preprocess(batch['image'], image_size))
-  return logits.argmax(-1), train.cross_entropy(logits, batch['label'])
-
 
 def evaluate_checkpoint(workdir: str | Path, step: int | None = None) -> dict:
   """Accuracy, loss and confusion matrix of a checkpoint over the full test split."""
-  import jax
+  import ml_collections
 
-  from gnet_jax import checkpoint, input_pipeline, train
+  from gnet_jax import input_pipeline, parallel, state as state_lib, train
 
-  state, config, step = checkpoint.restore_latest(workdir, step)
+  state, config, step = state_lib.load_checkpoint(workdir, step)
+  spec = input_pipeline.dataset_spec(config.dataset)
   # The full test split, whatever eval_examples the run used; no training data needed.
   data = input_pipeline.load_dataset(config.dataset, config.data_source, config.data_dir,
                                      train_examples=0, eval_examples=-1)
-  device = jax.devices()[0]
-  params = jax.device_put(state.params, device)
-  predict = jax.jit(functools.partial(_predict, model=train.make_model(config),
-                                      image_size=config.image_size))
-  batch_size = config.get('eval_batch_size', 0) or config.batch_size
-  outputs = []
-  for batch in input_pipeline.eval_batches(data.test_images, data.test_labels, batch_size):
-    preds, losses = predict(params, jax.device_put(
-        {'image': batch['image'], 'label': batch['label']}, device))
-    outputs.append((preds, losses, batch['label'], batch['mask']))  # no per-batch host sync
-  confusion = np.zeros((input_pipeline.NUM_CLASSES,) * 2, np.int64)
-  loss_sum, count = 0.0, 0
-  for preds, losses, labels, mask in outputs:
-    preds, losses = np.asarray(preds)[mask], np.asarray(losses)[mask]
-    np.add.at(confusion, (labels[mask], preds), 1)
-    loss_sum += float(losses.astype(np.float64).sum())
-    count += int(mask.sum())
-  return {'step': step, 'config': config, 'count': count,
-          'accuracy': float(np.trace(confusion)) / max(count, 1),
-          'loss': loss_sum / max(count, 1), 'confusion': confusion}
+  runner = parallel.make_runner(ml_collections.ConfigDict(
+      {'batch_size': config.batch_size, 'parallelism': 'none', 'num_devices': 0}))
+  eval_fn = train.compile_eval(runner, state_lib.create_model(config, spec), config.image_size,
+                               spec.num_classes)
+  result = train.evaluate(runner, eval_fn, runner.put_state(state.params), data.test_images,
+                          data.test_labels, train.eval_batch_size(config, 1))
+  return {**result, 'step': step, 'config': config, 'class_names': spec.class_names}
 
 
 def format_confusion(confusion: np.ndarray, names: Sequence[str]) -> str:
@@ -100,26 +73,10 @@ def plot_confusion(confusion: np.ndarray, names: Sequence[str], title: str,
   plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m gnet_jax.evaluate',
-      description='Evaluate a checkpoint on the full test split and plot its confusion matrix.')
-  parser.add_argument('--workdir', required=True, help='the training run\'s --workdir')
-  parser.add_argument('--step', type=int, default=None,
-                      help='checkpoint step to evaluate (default: the newest readable one)')
-  args = parser.parse_args(argv)
-
-  from gnet_jax import checkpoint
-  from gnet_jax.input_pipeline import DatasetError
-
-  try:
-    result = evaluate_checkpoint(args.workdir, args.step)
-  except (checkpoint.CheckpointError, DatasetError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  config = result['config']
-  names = CLASS_NAMES.get(config.dataset, [str(i) for i in range(10)])
-  print(f'checkpoint: step {result["step"]} in {checkpoint.checkpoint_dir(args.workdir)}')
+def run(args: argparse.Namespace) -> int:
+  result = evaluate_checkpoint(args.workdir, args.step)
+  config, names = result['config'], result['class_names']
+  print(f'checkpoint: step {result["step"]} in {Path(args.workdir).absolute() / "checkpoints"}')
   print(f'test accuracy {result["accuracy"]:.4f}, test loss {result["loss"]:.4f} '
         f'over {result["count"]} examples ({config.dataset} test split, '
         f'{config.image_size}x{config.image_size})')
@@ -132,9 +89,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m gnet_jax.evaluate',
+      description='Evaluate a checkpoint on the full test split and plot its confusion matrix.')
+  parser.add_argument('--workdir', required=True, help='the training run\'s --workdir')
+  parser.add_argument('--step', type=int, default=None,
+                      help='checkpoint step to evaluate (default: the newest readable one)')
+  args = parser.parse_args(argv)
+  from gnet_jax import cli
+  return cli.run_command(run, args)
+
+
 if __name__ == '__main__':
-  # ml_collections pulls in a deprecated importlib call on Python >= 3.11.
-  warnings.filterwarnings('ignore', message='.*load_module.*', category=DeprecationWarning)
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs routine warnings
+  from gnet_jax import cli
+  cli.quiet_logs()
   sys.exit(main())

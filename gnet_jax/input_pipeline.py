@@ -17,6 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
+from gnet_jax.errors import DatasetError
+
 DATASETS = ('mnist', 'fashion_mnist')
 SOURCES = ('auto', 'idx', 'tfds')
 NUM_CLASSES = 10
@@ -38,8 +40,31 @@ TORCHVISION_SUBDIRS = {'mnist': 'MNIST/raw', 'fashion_mnist': 'FashionMNIST/raw'
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 
 
-class DatasetError(Exception):
-  """A dataset that cannot be found or read; the message names the file and the fix."""
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What the model and the reports need to know about a dataset, without reading it."""
+
+  name: str
+  image_shape: tuple[int, int, int]  # stored (H, W, C)
+  class_names: tuple[str, ...]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+
+SPECS = {
+    'mnist': DatasetSpec('mnist', (28, 28, 1), tuple(str(i) for i in range(10))),
+    'fashion_mnist': DatasetSpec('fashion_mnist', (28, 28, 1), (
+        'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker',
+        'Bag', 'Ankle boot')),
+}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+  if name not in SPECS:
+    raise DatasetError(f'unknown dataset {name!r}; choose one of {", ".join(SPECS)}')
+  return SPECS[name]
 
 
 @dataclasses.dataclass(frozen=True)

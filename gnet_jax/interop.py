@@ -33,16 +33,13 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
+from gnet_jax.errors import DependencyError, StateDictError
 from gnet_jax.models import B3_BLOCKS, B4_BLOCKS, B5_BLOCKS
 
 # The Inception convs in the order PyTorch registers (and saves) them, with kernel sizes.
 INCEPTION_CONVS = (('p1_1', 1), ('p2_1', 1), ('p2_2', 3), ('p3_1', 1), ('p3_2', 5), ('p4_2', 1))
 # Top-level subtrees of an aux-enabled Flax model that the d2l model lacks.
 AUX_HEADS = ('aux1', 'aux2')
-
-
-class StateDictError(ValueError):
-  """A state dict (or parameter tree) that is not the d2l GoogLeNet; the message names the key."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +249,7 @@ def _import_torch():
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
-    raise ImportError(
+    raise DependencyError(
         'PyTorch is needed to read or write .pt files: pip install "gnet-jax[interop]" '
         '(on a machine without a GPU, first install the CPU build: pip install torch '
         '--index-url https://download.pytorch.org/whl/cpu)') from None
@@ -387,27 +384,25 @@ def import_to_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike,
   the aux heads, absent from the d2l model, start freshly initialised.
   Returns a summary (``in_channels``, ``num_classes``, ``notes``, ``checkpoint``).
   """
-  from gnet_jax import checkpoint, input_pipeline, train  # late: the converter needs neither
+  from gnet_jax import checkpoint, input_pipeline, state as state_lib  # late: not for NumPy use
 
   state_dict, notes = load_torch_file(path, trust_pickle=trust_pickle)
   imported = params_from_torch(state_dict)
   in_channels, num_classes = state_dict_io(state_dict)
-  dataset = config.get('dataset', '?')
-  if num_classes != input_pipeline.NUM_CLASSES:
+  spec = input_pipeline.dataset_spec(config.get('dataset', 'fashion_mnist'))
+  if num_classes != spec.num_classes:
     raise StateDictError(
         f'{path} classifies into {num_classes} classes (5.weight is '
-        f'{_shape_of(state_dict["5.weight"])}), but {dataset} has '
-        f'{input_pipeline.NUM_CLASSES}; train.py and gnet_jax.evaluate cannot use it '
+        f'{_shape_of(state_dict["5.weight"])}), but {spec.name} has '
+        f'{spec.num_classes}; train.py and gnet_jax.evaluate cannot use it '
         '(params_from_torch converts it for your own code)')
-  if in_channels != 1:
+  if in_channels != spec.image_shape[-1]:
     raise StateDictError(
         f'{path} expects {in_channels}-channel images (0.0.weight is '
-        f'{_shape_of(state_dict["0.0.weight"])}), but {dataset} images have 1 channel; '
-        'train.py and gnet_jax.evaluate cannot use it (params_from_torch converts it for '
-        'your own code)')
-  model, tx = train.make_model(config), train.make_optimizer(config)
-  size = config.image_size
-  state = train.create_train_state(config, (size, size, in_channels), model, tx)
+        f'{_shape_of(state_dict["0.0.weight"])}), but {spec.name} images have '
+        f'{spec.image_shape[-1]}; train.py and gnet_jax.evaluate cannot use it (params_from_torch '
+        'converts it for your own code)')
+  model, tx, state = state_lib.build(config, spec)
   params = merge_params(imported, state.params)
   state = state.replace(params=params,
                         opt_state=jax.tree.map(np.asarray, jax.device_get(tx.init(params))))
@@ -422,9 +417,9 @@ def export_from_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike,
                            step: int | None = None) -> dict:
   """Saves the params of ``workdir``'s newest readable checkpoint (or ``step``'s) as a d2l
   PyTorch state dict at ``out``; aux heads are left out. Returns a summary."""
-  from gnet_jax import checkpoint  # late import, as above
+  from gnet_jax import state as state_lib  # late import, as above
 
-  state, _, restored_step = checkpoint.restore_latest(workdir, step)
+  state, _, restored_step = state_lib.load_checkpoint(workdir, step)
   params = state.params
   dropped = [name for name in AUX_HEADS if name in params]
   state_dict = params_to_torch(params, numpy=True)
@@ -463,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     print(USAGE)
     return 0
   fv = flags.FlagValues()  # private: no clash with train.py's global flags
+  from gnet_jax import cli  # pylint: disable=import-outside-toplevel
+  from gnet_jax.errors import ConfigError
+
   try:
     with warnings.catch_warnings():
       # ml_collections' config loader uses a deprecated importlib call on Python >= 3.11.
@@ -476,58 +474,49 @@ def main(argv: list[str] | None = None) -> int:
                         'the file) to read a whole pickled nn.Module.', flag_values=fv)
       flags.DEFINE_integer('step', None, 'export: the checkpoint step (default: newest).',
                            flag_values=fv)
-      args = fv(argv)[1:]
-      config = fv.config
-      if config is not None:
-        config.to_json()  # touches the lazily loaded config, so a bad path is reported here
-  except (AttributeError, KeyError) as e:
-    print(f'error: unknown config key {str(e).strip(chr(34) + chr(39))} (config keys are '
-          'listed in configs/default.py)', file=sys.stderr)
+      args = cli.parse_config_flags(argv, fv)[1:]
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
     return 2
-  except OSError as e:
-    path = config_flags.get_config_filename(fv['config'])
-    reason = 'no such file' if not os.path.isfile(path) else str(e.__cause__ or e).strip()
-    print(f'error: cannot load the config file {path}: {reason}', file=sys.stderr)
-    return 2
-  except (flags.Error, TypeError, ValueError) as e:
+  except flags.Error as e:
     print(f'error: {_first_line(e)}\n{USAGE}', file=sys.stderr)
     return 2
+  return cli.run_command(_run, args, fv)
 
-  from gnet_jax import checkpoint  # pylint: disable=import-outside-toplevel
 
-  try:
-    if len(args) == 2 and args[0] == 'import':
-      if not fv.workdir:
-        raise StateDictError('import needs --workdir DIR (an empty or new folder)')
-      if config is None:
-        raise StateDictError('import needs --config CONFIG.py (configs/default.py not found)')
-      result = import_to_checkpoint(args[1], fv.workdir, config, trust_pickle=fv.trust_pickle)
-      for note in result['notes']:
-        print(f'note: {note}')
-      print(f'imported {result["tensors"]} tensors from {args[1]} ({result["in_channels"]} '
-            f'input channel(s), {result["num_classes"]} classes) into {result["checkpoint"]}')
-      print(f'evaluate:  python -m gnet_jax.evaluate --workdir {fv.workdir}')
-      config_file = config_flags.get_config_filename(fv['config'])
-      print(f'fine-tune: python train.py --config {config_file} --workdir {fv.workdir} '
-            '(with the same config overrides as this import)')
-    elif len(args) == 3 and args[0] == 'export':
-      result = export_from_checkpoint(args[1], args[2], fv.step)
-      if result['dropped']:
-        print(f'note: left out {", ".join(result["dropped"])} (training-only aux heads, '
-              'absent from the d2l model)')
-      print(f'exported the checkpoint at step {result["step"]} of {args[1]} to {args[2]} '
-            f'({result["tensors"]} tensors)')
-    else:
-      print(f'error: unexpected arguments: {" ".join(args) or "(none)"}\n{USAGE}',
-            file=sys.stderr)
-      return 2
-  except (StateDictError, ImportError, checkpoint.CheckpointError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
+def _run(args: list[str], fv) -> int:
+  from ml_collections import config_flags
+
+  config = fv.config
+  if len(args) == 2 and args[0] == 'import':
+    if not fv.workdir:
+      raise StateDictError('import needs --workdir DIR (an empty or new folder)')
+    if config is None:
+      raise StateDictError('import needs --config CONFIG.py (configs/default.py not found)')
+    result = import_to_checkpoint(args[1], fv.workdir, config, trust_pickle=fv.trust_pickle)
+    for note in result['notes']:
+      print(f'note: {note}')
+    print(f'imported {result["tensors"]} tensors from {args[1]} ({result["in_channels"]} '
+          f'input channel(s), {result["num_classes"]} classes) into {result["checkpoint"]}')
+    print(f'evaluate:  python -m gnet_jax.evaluate --workdir {fv.workdir}')
+    config_file = config_flags.get_config_filename(fv['config'])
+    print(f'fine-tune: python train.py --config {config_file} --workdir {fv.workdir} '
+          '(with the same config overrides as this import)')
+  elif len(args) == 3 and args[0] == 'export':
+    result = export_from_checkpoint(args[1], args[2], fv.step)
+    if result['dropped']:
+      print(f'note: left out {", ".join(result["dropped"])} (training-only aux heads, '
+            'absent from the d2l model)')
+    print(f'exported the checkpoint at step {result["step"]} of {args[1]} to {args[2]} '
+          f'({result["tensors"]} tensors)')
+  else:
+    print(f'error: unexpected arguments: {" ".join(args) or "(none)"}\n{USAGE}',
+          file=sys.stderr)
     return 2
   return 0
 
 
 if __name__ == '__main__':
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs routine warnings
+  from gnet_jax import cli
+  cli.quiet_logs()
   sys.exit(main())

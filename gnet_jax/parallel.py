@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gnet_jax.errors import ConfigError, WorkdirError
 
 MODES = ('auto', 'none', 'pmap', 'sharded')
 PMAP_AXIS = 'batch'
@@ -38,7 +41,6 @@ class Runner:
   mode: str
   devices: tuple  # every device taking part, all processes, process-major
   mesh: Mesh | None = None  # 'sharded': over ``devices``; 'pmap': over this process's devices
-  eval_step: Callable | None = None
 
   @property
   def num_devices(self) -> int:
@@ -119,13 +121,10 @@ class Runner:
     """``fn(params, batch, **static) -> sums`` compiled for this mode."""
     return self._compile(fn, False, **static)
 
-  def with_eval(self, eval_step: Callable) -> 'Runner':
-    return dataclasses.replace(self, eval_step=eval_step)
-
 
 def resolve_mode(mode: str, num_devices: int) -> str:
   if mode not in MODES:
-    raise ValueError(f'unknown parallelism {mode!r}; choose one of {", ".join(MODES)}')
+    raise ConfigError(f'unknown parallelism {mode!r}; choose one of {", ".join(MODES)}')
   if mode == 'auto':
     return 'sharded' if num_devices > 1 else 'none'
   return mode
@@ -144,7 +143,7 @@ def select_devices(requested: int, devices: list | None = None) -> list:
     return devices
   processes = jax.process_count()
   if requested < 0 or requested > len(devices) or requested % processes:
-    raise ValueError(f'num_devices {requested} is not possible with {len(devices)} devices in '
+    raise ConfigError(f'num_devices {requested} is not possible with {len(devices)} devices in '
                      f'{processes} process(es); use 0 (all) or a multiple of {processes} '
                      f'up to {len(devices)}')
   per_process = requested // processes
@@ -158,12 +157,12 @@ def make_runner(config: ml_collections.ConfigDict, devices: list | None = None) 
   mode = resolve_mode(config.get('parallelism', 'auto'), len(devices))
   if mode == 'none':
     if jax.process_count() > 1:
-      raise ValueError(f'parallelism none runs on one device but there are '
+      raise ConfigError(f'parallelism none runs on one device but there are '
                        f'{jax.process_count()} processes; use pmap or sharded')
     devices = devices[:1]
   for count, what in ((len(devices), 'devices'), (jax.process_count(), 'processes')):
     if config.batch_size % count:
-      raise ValueError(f'batch_size {config.batch_size} does not divide across {count} {what}; '
+      raise ConfigError(f'batch_size {config.batch_size} does not divide across {count} {what}; '
                        f'use a multiple of {count} (--config.batch_size=...)')
   mesh = None
   if mode == 'sharded':
@@ -171,6 +170,34 @@ def make_runner(config: ml_collections.ConfigDict, devices: list | None = None) 
   elif mode == 'pmap':
     mesh = Mesh(np.array(_process_local(devices)), (PMAP_AXIS,))
   return Runner(mode=mode, devices=tuple(devices), mesh=mesh)
+
+
+def check_shared_workdir(workdir: Path) -> None:
+  """With several processes, refuses a workdir that is not one folder seen by all of them.
+
+  Checkpoints are written by all processes together and read back by each, so
+  separate folders (or a path on a disk only one host mounts) would hang at
+  shutdown. Process 0 writes a marker file; every process looks for it.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+
+  token = int(multihost_utils.broadcast_one_to_all(np.int32(np.random.randint(1, 2**31 - 1))))
+  marker = workdir / f'.gnet_jax_shared_{token}'
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+  multihost_utils.sync_global_devices('gnet_jax workdir marker written')
+  seen = multihost_utils.process_allgather(np.int32(marker.exists()))
+  multihost_utils.sync_global_devices('gnet_jax workdir marker read')
+  if jax.process_index() == 0:
+    marker.unlink()
+  missing = [i for i, ok in enumerate(np.asarray(seen).reshape(-1)) if not ok]
+  if missing:
+    raise WorkdirError(f'--workdir {workdir} is not shared: process(es) '
+                       f'{", ".join(map(str, missing))} do not see what process 0 writes there; '
+                       'give every process the same --workdir on a shared file system')
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:

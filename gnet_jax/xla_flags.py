@@ -78,3 +78,46 @@ def apply_defaults(environ: os._Environ | dict | None = None) -> list[str]:
   if added:
     env['XLA_FLAGS'] = ' '.join([current, *added]).strip()
   return added
+
+
+CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
+
+
+def compilation_cache_dir(setting: str, environ: os._Environ | dict | None = None) -> Path | None:
+  """Where compiled programs are cached for ``compilation_cache`` = 'auto' | 'off' | a folder.
+
+  JAX's own ``JAX_COMPILATION_CACHE_DIR``, when set, wins (tests use it);
+  'auto' is a per-user folder, ``$XDG_CACHE_HOME/gnet_jax/xla`` (default
+  ``~/.cache/gnet_jax/xla``).
+  """
+  env = os.environ if environ is None else environ
+  if env.get(CACHE_ENV):
+    return Path(env[CACHE_ENV])
+  if setting in ('off', ''):
+    return None
+  if setting == 'auto':
+    base = Path(env.get('XDG_CACHE_HOME') or Path.home() / '.cache')
+    return base / 'gnet_jax' / 'xla'
+  return Path(setting).expanduser()
+
+
+def enable_compilation_cache(setting: str) -> Path | None:
+  """Turns on JAX's persistent compilation cache, so a second run skips most compiling.
+
+  The first run of a config compiles the GoogLeNet step for 12-16 s on a small
+  CPU; a second run loads it from the cache (docs/performance.md). Must run
+  before the first compilation. Returns the folder, or None when off.
+  """
+  import jax  # the module itself stays importable before JAX starts
+
+  folder = compilation_cache_dir(setting)
+  if folder is None:
+    return None
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+  except OSError:
+    return None  # a read-only home: run without the cache rather than fail
+  jax.config.update('jax_compilation_cache_dir', str(folder))
+  # Cache every program that took a while to compile, the small eval step included.
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  return folder

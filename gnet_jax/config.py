@@ -1,0 +1,133 @@
+"""Checks of every config value and of the workdir, before any work starts.
+
+One table, ``RULES``, says what each key allows; ``validate`` applies it and
+raises ``ConfigError`` naming the key, the value and what is allowed.
+``check_workdir`` refuses a workdir that is a file, cannot be written, or sits
+on a disk without room for the checkpoints. Nothing here writes anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import ml_collections
+
+from gnet_jax.errors import ConfigError, WorkdirError
+
+# Every stage pads its convolutions and pools, so any image of at least 1x1
+# pixels reaches the classifier as a 1x1 map (checked in tests/test_config.py).
+MIN_IMAGE_SIZE = 1
+
+
+def _int(lo: int | None = None, hi: int | None = None) -> tuple[type, Callable[[Any], bool], str]:
+  def ok(v):
+    return (lo is None or v >= lo) and (hi is None or v <= hi)
+  allowed = ('an integer' + (f' >= {lo}' if lo is not None and hi is None else '') +
+             (f' from {lo} to {hi}' if lo is not None and hi is not None else ''))
+  return int, ok, allowed
+
+
+def _float(lo: float, hi: float | None = None, lo_open: bool = False):
+  def ok(v):
+    return (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
+  bound = f'> {lo}' if lo_open else f'>= {lo}'
+  return float, ok, f'a number {bound}' + (f' and <= {hi}' if hi is not None else '')
+
+
+def _choice(*choices):
+  return str, (lambda v: v in choices), 'one of ' + ', '.join(repr(c) for c in choices)
+
+
+def _bool():
+  return bool, (lambda v: True), 'True or False'
+
+
+def _str():
+  return str, (lambda v: True), 'a string'
+
+
+RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
+    'dataset': _choice('mnist', 'fashion_mnist'),
+    'data_source': _choice('auto', 'idx', 'tfds'),
+    'data_dir': _str(),
+    'image_size': _int(MIN_IMAGE_SIZE, 1024),
+    'train_examples': _int(-1),
+    'eval_examples': _int(-1),
+    'aux_weight': _float(0.0),
+    'dtype': _choice('float32', 'bfloat16'),
+    'kernels': _choice('auto', 'xla', 'custom'),
+    'bias_init': _choice('zeros', 'torch'),
+    'optimizer': _choice('sgd', 'adam'),
+    'learning_rate': _float(0.0, lo_open=True),
+    'momentum': _float(0.0, 1.0),
+    'nesterov': _bool(),
+    'batch_size': _int(1),
+    'eval_batch_size': _int(0),
+    'num_epochs': _int(1),
+    'seed': _int(0, 2**32 - 1),
+    'parallelism': _choice('auto', 'none', 'pmap', 'sharded'),
+    'num_devices': _int(0),
+    'distributed': _bool(),
+    'coordinator_address': _str(),
+    'num_processes': _int(1),
+    'process_id': _int(0),
+    'checkpoint_every_steps': _int(0),
+    'max_checkpoints': _int(0),
+    'progress': _bool(),
+    'log_every_steps': _int(-1),
+    'profile_steps': _int(0),
+    'compilation_cache': _str(),
+}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ConfigError`` for the first key whose value is missing, mistyped or out of range."""
+  for key, (kind, ok, allowed) in RULES.items():
+    if key not in config:
+      raise ConfigError(f'config key {key} is missing; add it to the config file '
+                        f'(configs/default.py lists every key; allowed: {allowed})')
+    value = config[key]
+    typed = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+      typed = True
+    if not typed or not ok(value):
+      raise ConfigError(f'--config.{key}={value!r} is not allowed; {key} must be {allowed}')
+  if config.train_examples == 0:
+    raise ConfigError('--config.train_examples=0 leaves nothing to train on; use -1 (all) '
+                      'or a positive number')
+  if config.process_id >= config.num_processes:
+    raise ConfigError(f'--config.process_id={config.process_id} is not allowed with '
+                      f'num_processes {config.num_processes}; use 0 to {config.num_processes - 1}')
+  if config.optimizer == 'adam' and (config.momentum or config.nesterov):
+    raise ConfigError('momentum and nesterov apply to sgd only; set --config.momentum=0 '
+                      '--config.nesterov=False with --config.optimizer=adam')
+
+
+def check_workdir(workdir: str | os.PathLike, needed_bytes: int = 0) -> Path:
+  """The workdir as an absolute path, if it can hold this run's output; else ``WorkdirError``.
+
+  Checks without writing: an existing file is refused, as is a folder (or the
+  nearest existing parent of a new one) that this user cannot write, or a disk
+  with less free space than ``needed_bytes``.
+  """
+  path = Path(workdir).absolute()
+  if path.exists() and not path.is_dir():
+    raise WorkdirError(f'--workdir {path} is a file, not a folder; choose another --workdir')
+  existing = path
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    raise WorkdirError(f'--workdir {path}: {existing} is a file, not a folder; '
+                       'choose another --workdir')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise WorkdirError(f'--workdir {path}: {existing} is not writable by this user; '
+                       'choose another --workdir or fix its permissions')
+  free = shutil.disk_usage(existing).free
+  if needed_bytes and free < needed_bytes:
+    raise WorkdirError(f'--workdir {path}: {free / 2**20:.0f} MiB free on its disk, this run '
+                       f'needs about {needed_bytes / 2**20:.0f} MiB for its checkpoints; free '
+                       'some space, lower --config.max_checkpoints or choose another --workdir')
+  return path

@@ -1,0 +1,234 @@
+"""The network's pooling and convolution kernels, each in two formulations.
+
+``xla``: XLA's stock ops (``lax.reduce_window`` max-pool, ``lax.conv``). They
+support every transformation (``jax.jvp``, ``jacfwd``, second order) and are
+what XLA tunes on GPU and TPU.
+
+``custom``: hand-written forms that run faster on XLA:CPU (measured in
+docs/performance.md): a max-pool whose forward pass is one elementwise fusion
+and whose gradient avoids select-and-scatter, 'same' convolutions as im2col
+matmuls on maps not larger than their kernel, the three 1x1 convolutions that
+read an Inception block's input as one matmul, and dead kernel taps sliced
+away. They are ``jax.custom_vjp`` functions, so they allow reverse-mode
+differentiation only.
+
+``auto`` (the default) picks ``custom`` on CPU and ``xla`` elsewhere. Both give
+the same values and gradients up to float32 rounding (tested).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+KERNELS = ('auto', 'xla', 'custom')
+
+
+def resolve(kernels: str, backend: str | None = None) -> str:
+  """``'xla'`` or ``'custom'`` for a ``kernels`` setting on ``backend`` (default: JAX's)."""
+  if kernels not in KERNELS:
+    raise ValueError(f'unknown kernels {kernels!r}; choose one of {", ".join(KERNELS)}')
+  if kernels == 'auto':
+    return 'custom' if (backend or jax.default_backend()) == 'cpu' else 'xla'
+  return kernels
+
+
+# ----------------------------------------------------------------------------- max-pool
+
+
+def _window_views(x: jax.Array, stride: int) -> list[jax.Array]:
+  """The 9 strided views of ``x`` (padded by 1 with -inf) that a 3x3 window reads.
+
+  View ``3 * di + dj`` holds, for every output position, the input element at
+  window offset ``(di, dj)``; the views come in PyTorch's window order (row by
+  row). Padding with -inf means padding never wins a maximum, as in PyTorch.
+  """
+  n, h, w, c = x.shape
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  xp = jax.lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (1, 1, 0), (1, 1, 0), (0, 0, 0)))
+  return [jax.lax.slice(xp, (0, di, dj, 0),
+                        (n, di + stride * (ho - 1) + 1, dj + stride * (wo - 1) + 1, c),
+                        (1, stride, stride, 1))
+          for di in range(3) for dj in range(3)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool_3x3_custom(x: jax.Array, stride: int) -> jax.Array:
+  # The elementwise maximum of the 9 views is one loop fusion; XLA:CPU's
+  # reduce-window was slower in the train step.
+  return functools.reduce(jnp.maximum, _window_views(x, stride))
+
+
+def _max_pool_fwd(x, stride):
+  views = _window_views(x, stride)
+  y = functools.reduce(jnp.maximum, views)
+  # Window offset (0..8) of each output's first maximum in window order, the
+  # element PyTorch's max-pool routes the gradient to. int8 keeps the residual
+  # at a quarter of y's size.
+  first = jnp.full(y.shape, 8, jnp.int8)
+  for k in range(7, -1, -1):
+    first = jnp.where(views[k] == y, jnp.int8(k), first)
+  return y, (first, x.shape)
+
+
+def _max_pool_bwd(stride, residuals, g):
+  """Each input sums the gradients of the outputs whose first maximum it is.
+
+  XLA:CPU lowers the stock gradient (select-and-scatter) to reduce-window +
+  iota + scatter, about a third of a 96x96 training step. Here it is
+  elementwise: 9 shifted reads of the spread-out output gradient and window
+  offsets, compared and summed in one loop fusion.
+  """
+  first, (_, h, w, _) = residuals
+  ho, wo = g.shape[1:3]
+  # Output o reads padded input q = stride * o + d at offset d. Spread the
+  # outputs `stride` apart and pad by 2: then input i (q = i + 1) meets the
+  # output that read it at offset d at index i + 3 - d.
+  spread = ((0, 0, 0), (2, h + 1 - stride * (ho - 1), stride - 1),
+            (2, w + 1 - stride * (wo - 1), stride - 1), (0, 0, 0))
+  g_spread = jax.lax.pad(g, jnp.zeros((), g.dtype), spread)
+  first_spread = jax.lax.pad(first, jnp.int8(-1), spread)
+  # Materialise the two padded arrays: fused into the sum below, each of its
+  # 9 reads would re-evaluate the padding bounds (1.12x slower step at 96x96).
+  g_spread, first_spread = jax.lax.optimization_barrier((g_spread, first_spread))
+  dx = None
+  for di in range(3):
+    for dj in range(3):
+      window = (slice(None), slice(3 - di, 3 - di + h), slice(3 - dj, 3 - dj + w))
+      term = jnp.where(first_spread[window] == 3 * di + dj, g_spread[window], 0)
+      dx = term if dx is None else dx + term
+  return (dx,)
+
+
+_max_pool_3x3_custom.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool_3x3(x: jax.Array, stride: int, kernels: str = 'auto') -> jax.Array:
+  """3x3 max-pool with padding 1 (never chosen), as ``nn.MaxPool2d(3, stride, padding=1)``."""
+  if resolve(kernels) == 'custom':
+    return _max_pool_3x3_custom(x, stride)
+  return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, 3, 3, 1),
+                               (1, stride, stride, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+# ----------------------------------------------------------------------------- convolution
+
+
+def _lax_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+  ph, pw = kernel.shape[0] // 2, kernel.shape[1] // 2
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((ph, ph), (pw, pw)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
+  """im2col for a stride-1 'same' conv: [N, H, W, kh*kw*C], taps in HWIO order."""
+  n, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  return jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)],
+                         axis=-1)
+
+
+def _im2col_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  kh, kw, cin, cout = kernel.shape
+  return jax.lax.dot_general(_patches(x, kh, kw), kernel.reshape(kh * kw * cin, cout),
+                             (((3,), (0,)), ((), ())))
+
+
+def _map_larger_than_kernel(x: jax.Array, kernel: jax.Array) -> bool:
+  # XLA swaps the operands of a convolution whose kernel is not smaller than
+  # its input (here: 3x3 on 2x2, 5x5 on 4x4), which is slow on CPU.
+  return x.shape[1] > kernel.shape[0] and x.shape[2] > kernel.shape[1]
+
+
+@jax.custom_vjp
+def _conv_same_custom(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Stride-1 'same' convolution: XLA's own on large maps, im2col matmuls on small ones."""
+  if _map_larger_than_kernel(x, kernel):
+    return _lax_conv(x, kernel)
+  return _im2col_conv(x, kernel)
+
+
+def _conv_same_fwd(x, kernel):
+  return _conv_same_custom(x, kernel), (x, kernel)
+
+
+def _conv_same_bwd(residuals, g):
+  x, kernel = residuals
+  # XLA's own kernel gradient beat dW as one matmul over im2col patches inside
+  # the whole train step (1.10x at 96x96), the patches being a 9x/25x copy.
+  dkernel = jax.vjp(lambda k: _lax_conv(x, k), kernel)[1](g)[0]
+  if _map_larger_than_kernel(x, kernel):  # XLA's own input gradient is fast here (1.1x at 96)
+    dx = jax.vjp(lambda v: _lax_conv(v, kernel), x)[1](g)[0]
+  else:  # the 'same' conv of g with the kernel flipped in space and in/out swapped
+    dx = _im2col_conv(g, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)))
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_conv_same_custom.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+def _live_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``kernel`` without the taps that can only ever read padding (5x5 on a 2x2 map, say).
+
+  They add exact zeros and get a zero gradient either way, so slicing them off
+  changes no value and shrinks the work.
+  """
+  kh, kw = kernel.shape[:2]
+  live_h, live_w = min(kh // 2, x.shape[1] - 1), min(kw // 2, x.shape[2] - 1)
+  return kernel[kh // 2 - live_h:kh // 2 + live_h + 1, kw // 2 - live_w:kw // 2 + live_w + 1]
+
+
+def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, stride: int = 1,
+         dtype=jnp.float32, kernels: str = 'auto') -> jax.Array:
+  """``nn.Conv`` with padding ``k // 2`` (PyTorch's ``padding=k // 2``): NHWC x HWIO + bias."""
+  x, kernel, bias = (a.astype(dtype) for a in (x, kernel, bias))
+  if stride != 1 or resolve(kernels) == 'xla':
+    return _lax_conv(x, kernel, stride) + bias
+  kernel = _live_taps(x, kernel)
+  if kernel.shape[:2] == (1, 1):
+    y = jnp.einsum('nhwc,co->nhwo', x, kernel[0, 0])  # a 1x1 conv is a matmul
+  else:
+    y = _conv_same_custom(x, kernel)
+  return y + bias
+
+
+def conv_1x1_shared_input(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]], *,
+                          dtype=jnp.float32, kernels: str = 'auto') -> list[jax.Array]:
+  """Several 1x1 convolutions of the same ``x``, one output per ``(kernel, bias)``.
+
+  ``custom`` runs them as one matmul over the concatenated kernels (fewer,
+  larger matmuls, ``x`` read once) and splits the result; ``xla`` runs each.
+  """
+  if resolve(kernels) == 'xla':
+    return [conv(x, k, b, dtype=dtype, kernels='xla') for k, b in weights]
+  kernel = jnp.concatenate([k for k, _ in weights], axis=-1)
+  bias = jnp.concatenate([b for _, b in weights], axis=-1)
+  y = conv(x, kernel, bias, dtype=dtype, kernels='custom')
+  splits, total = [], 0
+  for k, _ in weights[:-1]:
+    total += k.shape[-1]
+    splits.append(total)
+  return jnp.split(y, splits, axis=-1)
+
+
+# ----------------------------------------------------------------------------- average pool
+
+
+def adaptive_avg_pool(x: jax.Array, out: int) -> jax.Array:
+  """``nn.AdaptiveAvgPool2d(out)`` for NHWC: averages over the same bins PyTorch uses.
+
+  Written here because neither Flax nor lax has an adaptive pool; bins are
+  [floor(i*H/out), ceil((i+1)*H/out)), so inputs smaller than ``out`` work too.
+  """
+  def pool_axis(x, axis):
+    size = x.shape[axis]
+    parts = []
+    for i in range(out):
+      lo, hi = (i * size) // out, -((-(i + 1) * size) // out)
+      parts.append(jnp.mean(jax.lax.slice_in_dim(x, lo, hi, axis=axis), axis=axis, keepdims=True))
+    return jnp.concatenate(parts, axis=axis)
+
+  return pool_axis(pool_axis(x, 1), 2)
