@@ -1,4 +1,4 @@
-"""Model structure: stage shapes, parameter count, init, Inception branches, pooling, aux heads."""
+"""Model structure: stage shapes, parameter tree, Inception branches, aux heads, kernel choice."""
 
 import chex
 import flax.linen as nn
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gnet_jax import models
+from gnet_jax import models, ops, state
 
 STAGES = ('b1', 'b2', 'b3', 'b4', 'b5', 'head')
 
@@ -40,41 +40,15 @@ def test_stage_output_shapes(size, expected):
     chex.assert_shape(shapes[name], (2, *shape))
 
 
-def test_parameter_count_and_tree():
-  params = models.init_params(models.GoogLeNet(), 0, (96, 96, 1))
-  assert models.count_params(params) == 5_977_530
-  assert sorted(params) == ['b1', 'b2', 'b3', 'b4', 'b5', 'head']
-  assert sorted(params['b4']) == [f'inception{i}' for i in range(1, 6)]
-  assert sorted(params['b3']['inception1']) == ['p1_1', 'p2_1', 'p2_2', 'p3_1', 'p3_2', 'p4_2']
-  chex.assert_shape(params['b1']['conv']['kernel'], (7, 7, 1, 64))
-  # Same seed, same values; the count does not depend on the input size.
-  again = models.init_params(models.GoogLeNet(), 0, (28, 28, 1))
-  chex.assert_trees_all_equal(params, again)
-
-
-def test_xavier_uniform_bounds_and_zero_biases():
-  params = models.init_params(models.GoogLeNet(), 0, (28, 28, 1))
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    name = path[-1].key
-    if name == 'bias':
-      assert not np.any(leaf), jax.tree_util.keystr(path)
-      continue
-    receptive = np.prod(leaf.shape[:-2])
-    bound = np.sqrt(6 / (receptive * (leaf.shape[-2] + leaf.shape[-1])))
-    assert np.abs(leaf).max() <= bound
-    if leaf.size >= 1000:  # enough samples to fill the interval and match its std
-      assert np.abs(leaf).max() > 0.95 * bound
-      np.testing.assert_allclose(leaf.std(), bound / np.sqrt(3), rtol=0.1)
-
-
 def _conv(x, p, pad):
   y = jax.lax.conv_general_dilated(x, p['kernel'], (1, 1), [(pad, pad)] * 2,
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   return jax.nn.relu(y + p['bias'])
 
 
-def test_inception_branches_and_concatenation_order():
-  block = models.Inception(3, (4, 5), (2, 6), 7)
+@pytest.mark.parametrize('kernels', ['xla', 'custom'])
+def test_inception_branches_and_concatenation_order(kernels):
+  block = models.Inception(3, (4, 5), (2, 6), 7, kernels=kernels)
   x = jax.random.normal(jax.random.key(1), (2, 5, 7, 8))
   params = jax.jit(block.init)(jax.random.key(2), x)['params']
   # Non-zero biases, so a bias mix-up between branches would show.
@@ -91,7 +65,7 @@ def test_inception_branches_and_concatenation_order():
         _conv(x, p['p1_1'], 0),
         _conv(_conv(x, p['p2_1'], 0), p['p2_2'], 1),
         _conv(_conv(x, p['p3_1'], 0), p['p3_2'], 2),
-        _conv(models.max_pool_3x3(x, 1), p['p4_2'], 0),
+        _conv(ops.max_pool_3x3(x, 1, 'xla'), p['p4_2'], 0),
     ], -1)
 
   with jax.default_matmul_precision('float32'):
@@ -99,31 +73,10 @@ def test_inception_branches_and_concatenation_order():
   chex.assert_trees_all_close(out, expected, atol=1e-5)
 
 
-def test_max_pool_padding_never_wins():
-  x = -1.0 - jnp.arange(16.0).reshape(1, 4, 4, 1)  # all negative: a zero pad would win
-  same = models.max_pool_3x3(x, 1)
-  assert float(same[0, 0, 0, 0]) == -1.0  # max of the 2x2 valid corner window
-  assert float(same[0, 3, 3, 0]) == -11.0
-  assert bool(jnp.all(same < 0))
-  down = models.max_pool_3x3(x, 2)
-  chex.assert_shape(down, (1, 2, 2, 1))
-  np.testing.assert_array_equal(np.asarray(down[0, :, :, 0]), [[-1, -2], [-5, -6]])
-
-
-def test_adaptive_avg_pool_matches_pytorch_bins():
-  x = jnp.arange(2 * 5 * 3 * 1, dtype=jnp.float32).reshape(2, 5, 3, 1)
-  out = models.adaptive_avg_pool(x, 4)
-  chex.assert_shape(out, (2, 4, 4, 1))
-  # PyTorch's bins for 5 -> 4 are [0,2), [1,3), [2,4), [3,5); for 3 -> 4: [0,1), [0,2), [1,3), [2,3).
-  xs = np.asarray(x[0, :, :, 0])
-  assert float(out[0, 1, 1, 0]) == pytest.approx(xs[1:3, 0:2].mean())
-  assert float(out[0, 3, 3, 0]) == pytest.approx(xs[3:5, 2:3].mean())
-
-
 def test_aux_heads_only_when_enabled():
-  plain = models.init_params(models.GoogLeNet(), 0, (28, 28, 1))
+  plain = state.init_params(models.GoogLeNet(), 0, (28, 28, 1))
   aux_model = models.GoogLeNet(aux_heads=True)
-  aux = models.init_params(aux_model, 0, (28, 28, 1))
+  aux = state.init_params(aux_model, 0, (28, 28, 1))
   assert 'aux1' not in plain and {'aux1', 'aux2'} <= set(aux)
   chex.assert_shape(aux['aux1']['fc1']['kernel'], (4 * 4 * 128, 1024))
   chex.assert_shape(aux['aux2']['conv']['kernel'], (1, 1, 528, 128))
@@ -149,3 +102,45 @@ def test_summary_lists_stages_params_and_flops():
   assert '5,977,530' in text
   assert 'float32[1,3,3,832]' in text
   assert 'flops' in text.lower()
+
+
+def test_parameter_tree_and_count():
+  params = state.init_params(models.GoogLeNet(), 0, (96, 96, 1))
+  assert state.count_params(params) == 5_977_530
+  assert sorted(params) == ['b1', 'b2', 'b3', 'b4', 'b5', 'head']
+  assert sorted(params['b4']) == [f'inception{i}' for i in range(1, 6)]
+  assert sorted(params['b3']['inception1']) == ['p1_1', 'p2_1', 'p2_2', 'p3_1', 'p3_2', 'p4_2']
+  assert sorted(params['b2']) == ['conv1', 'conv2']
+  chex.assert_shape(params['b1']['conv']['kernel'], (7, 7, 1, 64))
+  chex.assert_shape(params['b3']['inception1']['p3_2']['kernel'], (5, 5, 16, 32))
+
+
+@pytest.fixture(scope='module')
+def both_kernels():
+  """Logits, gradients and one SGD step of the 28x28 GoogLeNet with each kernel choice."""
+  params = state.init_params(models.GoogLeNet(), 3, (28, 28, 1), bias_init='torch')
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(size=(4, 28, 28, 1)), jnp.float32)
+  labels = jnp.asarray([1, 4, 7, 9])
+
+  def run(kernels):
+    model = models.GoogLeNet(kernels=kernels)
+
+    def loss(p):
+      logits = model.apply({'params': p}, x)
+      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), logits
+
+    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return logits, grads, jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+
+  with jax.default_matmul_precision('float32'):
+    return {k: jax.jit(run, static_argnums=0)(k) for k in ('xla', 'custom')}
+
+
+def test_kernels_give_the_same_logits_gradients_and_step(both_kernels):
+  xla, custom = both_kernels['xla'], both_kernels['custom']
+  chex.assert_tree_all_finite(custom)
+  chex.assert_trees_all_close(custom[0], xla[0], atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(custom[1], xla[1], atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(custom[2], xla[2], atol=1e-5, rtol=1e-5)
+  assert float(jnp.abs(xla[0]).max()) > 1e-3  # real logits, not a degenerate comparison

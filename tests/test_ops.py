@@ -1,0 +1,140 @@
+"""gnet_jax.ops: the hand-written ('custom') kernels equal XLA's stock ('xla') ones."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gnet_jax import ops
+
+
+def _reference_grad(x: np.ndarray, g: np.ndarray, stride: int) -> np.ndarray:
+  """PyTorch's rule in NumPy: the first maximum in window order (row by row) gets the gradient."""
+  n, h, w, c = x.shape
+  ho, wo = g.shape[1:3]
+  dx = np.zeros_like(x)
+  for b in range(n):
+    for ch in range(c):
+      for i in range(ho):
+        for j in range(wo):
+          best, where = -np.inf, None
+          for di in range(3):
+            for dj in range(3):
+              r, s = i * stride + di - 1, j * stride + dj - 1
+              if 0 <= r < h and 0 <= s < w and x[b, r, s, ch] > best:
+                best, where = x[b, r, s, ch], (r, s)
+          dx[b, where[0], where[1], ch] += g[b, i, j, ch]
+  return dx
+
+
+def test_auto_is_custom_on_cpu_only():
+  assert ops.resolve('auto', 'cpu') == 'custom'
+  assert ops.resolve('auto', 'gpu') == 'xla' and ops.resolve('auto', 'tpu') == 'xla'
+  assert ops.resolve('xla', 'cpu') == 'xla' and ops.resolve('custom', 'tpu') == 'custom'
+  with pytest.raises(ValueError, match="unknown kernels 'fast'"):
+    ops.resolve('fast')
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('size', [1, 4, 7])
+def test_max_pool_custom_equals_xla_and_pytorch_rule(size, stride):
+  kx, kg = jax.random.split(jax.random.key(size * 10 + stride))
+  x = jax.random.normal(kx, (2, size, size, 3))  # continuous: no ties
+  y = ops.max_pool_3x3(x, stride, 'custom')
+  np.testing.assert_array_equal(y, ops.max_pool_3x3(x, stride, 'xla'))
+  g = jax.random.normal(kg, y.shape)
+  ours = jax.vjp(lambda v: ops.max_pool_3x3(v, stride, 'custom'), x)[1](g)[0]
+  stock = jax.vjp(lambda v: ops.max_pool_3x3(v, stride, 'xla'), x)[1](g)[0]
+  np.testing.assert_allclose(ours, stock, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(ours, _reference_grad(np.asarray(x), np.asarray(g), stride),
+                             rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_max_pool_ties_go_to_first_max_in_window_order(stride):
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 3, (2, 6, 7, 2)).astype(np.float32)  # many ties
+  x[0, :, :, 0] = 1.0  # every window a tie
+  y = ops.max_pool_3x3(jnp.asarray(x), stride, 'custom')
+  g = rng.normal(size=y.shape).astype(np.float32)
+  ours = jax.vjp(lambda v: ops.max_pool_3x3(v, stride, 'custom'),
+                 jnp.asarray(x))[1](jnp.asarray(g))[0]
+  np.testing.assert_allclose(ours, _reference_grad(x, g, stride), rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_padding_never_wins():
+  x = -1.0 - jnp.arange(16.0).reshape(1, 4, 4, 1)  # all negative: a zero pad would win
+  for kernels in ('xla', 'custom'):
+    same = ops.max_pool_3x3(x, 1, kernels)
+    assert float(same[0, 0, 0, 0]) == -1.0  # max of the 2x2 valid corner window
+    assert float(same[0, 3, 3, 0]) == -11.0
+    down = ops.max_pool_3x3(x, 2, kernels)
+    np.testing.assert_array_equal(np.asarray(down[0, :, :, 0]), [[-1, -2], [-5, -6]])
+
+
+def _conv_case(hw, k, cin=4, cout=5):
+  kx, kk, kb, kg = jax.random.split(jax.random.key(hw * 10 + k), 4)
+  return (jax.random.normal(kx, (3, hw, hw, cin)), jax.random.normal(kk, (k, k, cin, cout)),
+          jax.random.normal(kb, (cout,)), jax.random.normal(kg, (3, hw, hw, cout)))
+
+
+@pytest.mark.parametrize('hw,k', [(7, 3), (4, 5), (2, 3), (2, 5), (1, 3), (1, 5), (3, 1)])
+def test_conv_custom_equals_xla_values_and_grads(hw, k):
+  """im2col forward and gradients, dead taps sliced away: the same math as lax.conv."""
+  x, kernel, bias, g = _conv_case(hw, k)
+  # Full float32 passes: on GPU/TPU the default precision rounds matmuls and
+  # convolutions through TF32/bf16, differently for each, and this compares the math.
+  with jax.default_matmul_precision('float32'):
+    outs = {kind: jax.vjp(lambda *a, kind=kind: ops.conv(*a, kernels=kind), x, kernel, bias)
+            for kind in ('xla', 'custom')}
+    grads = {kind: vjp(g) for kind, (_, vjp) in outs.items()}
+  np.testing.assert_allclose(outs['custom'][0], outs['xla'][0], rtol=1e-5, atol=1e-5)
+  for ours, ref in zip(grads['custom'], grads['xla']):
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=2e-5)
+
+
+def test_conv_1x1_shared_input_splits_like_separate_convs():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 6))
+  weights = [(jax.random.normal(jax.random.key(i), (1, 1, 6, c)), jnp.full((c,), 0.1 * i))
+             for i, c in enumerate((3, 4, 2), start=1)]
+  with jax.default_matmul_precision('float32'):
+    fused = ops.conv_1x1_shared_input(x, weights, kernels='custom')
+    separate = ops.conv_1x1_shared_input(x, weights, kernels='xla')
+  chex.assert_shape(fused, [(2, 5, 5, 3), (2, 5, 5, 4), (2, 5, 5, 2)])
+  chex.assert_trees_all_close(fused, separate, atol=1e-5)
+
+
+def test_forward_mode_needs_xla_kernels():
+  """``custom_vjp`` blocks forward mode; the 'xla' kernels allow it, and agree with reverse mode."""
+  x, kernel, bias, g = _conv_case(4, 3)
+  f = lambda v: jnp.vdot(ops.conv(ops.max_pool_3x3(v, 1, 'xla'), kernel, bias, kernels='xla'), g)
+  _, tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))
+  np.testing.assert_allclose(tangent, jnp.sum(jax.grad(f)(x)), rtol=1e-4)
+  with pytest.raises(TypeError, match='custom_vjp'):
+    jax.jvp(lambda v: ops.max_pool_3x3(v, 1, 'custom'), (x,), (x,))
+
+
+def test_second_order_agrees_between_kernels():
+  """A Hessian-vector product through conv and pool: reverse-over-reverse works for both."""
+  x, kernel, bias, _ = _conv_case(5, 3)
+  v = jax.random.normal(jax.random.key(9), kernel.shape)
+
+  def hvp(kind):
+    loss = lambda k: jnp.sum(ops.max_pool_3x3(ops.conv(x, k, bias, kernels=kind), 2, kind) ** 2)
+    return jax.grad(lambda k: jnp.vdot(jax.grad(loss)(k), v))(kernel)
+
+  with jax.default_matmul_precision('float32'):
+    custom, xla = jax.jit(lambda: hvp('custom'))(), jax.jit(lambda: hvp('xla'))()
+  assert float(jnp.abs(xla).max()) > 1.0  # a real second-order term, not zeros
+  np.testing.assert_allclose(custom, xla, rtol=1e-4, atol=1e-3)
+
+
+def test_adaptive_avg_pool_matches_pytorch_bins():
+  x = jnp.arange(2 * 5 * 3 * 1, dtype=jnp.float32).reshape(2, 5, 3, 1)
+  out = ops.adaptive_avg_pool(x, 4)
+  chex.assert_shape(out, (2, 4, 4, 1))
+  # PyTorch's bins for 5 -> 4 are [0,2), [1,3), [2,4), [3,5); for 3 -> 4: [0,1), [0,2), [1,3), [2,3).
+  xs = np.asarray(x[0, :, :, 0])
+  assert float(out[0, 1, 1, 0]) == pytest.approx(xs[1:3, 0:2].mean())
+  assert float(out[0, 3, 3, 0]) == pytest.approx(xs[3:5, 2:3].mean())

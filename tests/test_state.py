@@ -1,0 +1,95 @@
+"""gnet_jax.state: building the model, optimizer and initial state from a config."""
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+
+from configs import default, quickstart
+from gnet_jax import input_pipeline, models, state
+from gnet_jax.errors import ConfigError
+
+SPEC = input_pipeline.dataset_spec('fashion_mnist')
+
+
+def trunk(params):
+  return {k: v for k, v in params.items() if not k.startswith('aux')}
+
+
+def test_trunk_init_does_not_depend_on_aux_heads():
+  plain = state.init_params(models.GoogLeNet(), 7, (28, 28, 1))
+  with_aux = state.init_params(models.GoogLeNet(aux_heads=True), 7, (28, 28, 1))
+  assert {'aux1', 'aux2'} <= set(with_aux)
+  chex.assert_trees_all_equal(plain, trunk(with_aux))
+
+
+def test_init_depends_on_seed_and_path_only():
+  a = state.init_params(models.GoogLeNet(), 0, (96, 96, 1))
+  again = state.init_params(models.GoogLeNet(), 0, (28, 28, 1))  # input size changes no shape
+  chex.assert_trees_all_equal(a, again)
+  other = state.init_params(models.GoogLeNet(), 1, (28, 28, 1))
+  assert not np.array_equal(a['b1']['conv']['kernel'], other['b1']['conv']['kernel'])
+  # Two leaves of the same shape get different values (seeded by their path).
+  p = a['b4']
+  assert not np.array_equal(p['inception2']['p4_2']['kernel'][:, :, :1],
+                            p['inception3']['p4_2']['kernel'][:, :, :1])
+
+
+def test_xavier_uniform_bounds_and_zero_biases():
+  params = state.init_params(models.GoogLeNet(), 0, (28, 28, 1))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if path[-1].key == 'bias':
+      assert not np.any(leaf), jax.tree_util.keystr(path)
+      continue
+    receptive = np.prod(leaf.shape[:-2])
+    bound = np.sqrt(6 / (receptive * (leaf.shape[-2] + leaf.shape[-1])))
+    assert np.abs(leaf).max() <= bound
+    if leaf.size >= 1000:  # enough samples to fill the interval and match its std
+      assert np.abs(leaf).max() > 0.95 * bound
+      np.testing.assert_allclose(leaf.std(), bound / np.sqrt(3), rtol=0.1)
+
+
+def test_torch_bias_init_is_uniform_in_one_over_sqrt_fan_in():
+  zeros = state.init_params(models.GoogLeNet(), 0, (28, 28, 1))
+  params = state.init_params(models.GoogLeNet(), 0, (28, 28, 1), bias_init='torch')
+  kernels = {jax.tree_util.keystr(p[:-1]): leaf
+             for p, leaf in jax.tree_util.tree_leaves_with_path(params) if p[-1].key == 'kernel'}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if path[-1].key != 'bias':
+      continue
+    fan_in = np.prod(kernels[jax.tree_util.keystr(path[:-1])].shape[:-1])
+    assert np.abs(leaf).max() <= 1 / np.sqrt(fan_in)
+    if leaf.size >= 256:
+      assert np.abs(leaf).max() > 0.9 / np.sqrt(fan_in)
+  # Weights are the same draws as with zero biases.
+  kernel_of = lambda t: [leaf for p, leaf in jax.tree_util.tree_leaves_with_path(t)
+                         if p[-1].key == 'kernel']
+  chex.assert_trees_all_equal(kernel_of(zeros), kernel_of(params))
+  with pytest.raises(ConfigError, match="bias_init 'ones'"):
+    state.init_params(models.GoogLeNet(), 0, (28, 28, 1), bias_init='ones')
+
+
+def test_build_takes_classes_and_channels_from_the_dataset():
+  config = quickstart.get_config()
+  model, tx, host = state.build(config)
+  assert model.num_classes == SPEC.num_classes and model.aux_heads
+  chex.assert_shape(host.params['b1']['conv']['kernel'], (7, 7, SPEC.image_shape[-1], 64))
+  chex.assert_shape(host.params['head']['kernel'], (1024, 10))
+  assert int(host.step) == 0 and set(host.metrics) == set(state.zero_metrics())
+  assert isinstance(host.params['head']['bias'], np.ndarray)  # built on the host
+  chex.assert_trees_all_equal_structs(host.opt_state, tx.init(host.params))
+
+
+def test_optimizers():
+  config = default.get_config()
+  params = {'w': np.ones(3, np.float32)}
+  grads = {'w': np.full(3, 2.0, np.float32)}
+  updates, _ = state.create_optimizer(config).update(grads, state.create_optimizer(config)
+                                                     .init(params), params)
+  np.testing.assert_allclose(updates['w'], -0.2)  # plain SGD at 0.1
+  config.optimizer = 'adam'
+  assert isinstance(state.create_optimizer(config), optax.GradientTransformation)
+  config.optimizer = 'rmsprop'
+  with pytest.raises(ConfigError, match="optimizer 'rmsprop'"):
+    state.create_optimizer(config)
