@@ -16,9 +16,15 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 import gzip  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from typing import Any  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from gnet_jax import models, ops  # noqa: E402
 
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
@@ -64,3 +70,31 @@ def write_idx_dataset(folder: Path, n_train: int = 96, n_test: int = 40,
 def idx_dir(tmp_path_factory) -> Path:
   """A tiny synthetic MNIST-like dataset as gzipped IDX files (96 train, 40 test)."""
   return write_idx_dataset(tmp_path_factory.mktemp('idx'))
+
+
+class TinyNet(nn.Module):
+  """GoogLeNet's calling convention and aux head on a network that compiles in a second.
+
+  Drives the real training loop, steps and layouts in tests where GoogLeNet
+  itself is not the point.
+  """
+
+  num_classes: int = 10
+  aux_heads: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, example_keys=None):
+    d = self.dtype
+    x = nn.Conv(16, (3, 3), strides=(2, 2), dtype=d, name='conv')(x.astype(d))
+    x = ops.max_pool_3x3(nn.relu(x), 2)
+    logits = nn.Dense(self.num_classes, dtype=d, name='head')(jnp.mean(x, (1, 2)))
+    logits = logits.astype(jnp.float32)
+    if not self.aux_heads:
+      return logits
+    head = models.AuxHead(self.num_classes, dtype=d, name='aux1')
+    if not train and not self.is_initializing():
+      return logits
+    keys = None if example_keys is None else jax.vmap(
+        lambda k: jax.random.fold_in(k, 1))(example_keys)
+    return logits, [head(x, keys).astype(jnp.float32)]

@@ -28,38 +28,17 @@ import numpy as np
 import pytest
 
 from configs import default
-from conftest import REPO, make_images
-from gnet_jax import input_pipeline, metrics as metrics_lib, models, parallel, train
+from conftest import REPO, TinyNet, make_images
+from gnet_jax import input_pipeline, metrics as metrics_lib, models, parallel, state as state_lib, train
+from gnet_jax.errors import ConfigError
+
+SPEC = input_pipeline.dataset_spec('fashion_mnist')
 
 FULL_MODEL = bool(os.environ.get('GNET_TEST_FULL_MODEL'))
 BATCH = 8  # divides by 1, 2, 4 and 8 devices
 STEPS = 3
 RTOL, ATOL = 1e-5, 1e-6
 MULTI = [('pmap', 2), ('pmap', 4), ('pmap', 8), ('sharded', 2), ('sharded', 4), ('sharded', 8)]
-
-
-class TinyNet(nn.Module):
-  """GoogLeNet's calling convention and aux head on a network that compiles in a second."""
-
-  num_classes: int = 10
-  aux_heads: bool = False
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False, example_keys=None):
-    d = self.dtype
-    x = nn.Conv(16, (3, 3), strides=(2, 2), dtype=d, name='conv')(x.astype(d))
-    x = models.max_pool_3x3(nn.relu(x), 2)
-    logits = nn.Dense(self.num_classes, dtype=d, name='head')(jnp.mean(x, (1, 2)))
-    logits = logits.astype(jnp.float32)
-    if not self.aux_heads:
-      return logits
-    head = models.AuxHead(self.num_classes, dtype=d, name='aux1')
-    if not train and not self.is_initializing():
-      return logits
-    keys = None if example_keys is None else jax.vmap(
-        lambda k: jax.random.fold_in(k, 1))(example_keys)
-    return logits, [head(x, keys).astype(jnp.float32)]
 
 
 def make_config(**overrides):
@@ -75,8 +54,8 @@ def make_config(**overrides):
 
 def make_model(config):
   if FULL_MODEL:
-    return train.make_model(config)
-  return TinyNet(aux_heads=config.aux_weight > 0, dtype=train.compute_dtype(config))
+    return state_lib.create_model(config, SPEC)
+  return TinyNet(aux_heads=config.aux_weight > 0, dtype=state_lib.DTYPES[config.dtype])
 
 
 def global_batches(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -87,10 +66,10 @@ def global_batches(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
 
 
 @functools.lru_cache(maxsize=None)
-def initial_state(aux: bool, dtype: str = 'float32') -> train.TrainState:
+def initial_state(aux: bool, dtype: str = 'float32') -> state_lib.TrainState:
   config = make_config(aux_weight=0.3 if aux else 0.0, dtype=dtype)
   model = make_model(config)
-  return train.create_train_state(config, (28, 28, 1), model, train.make_optimizer(config))
+  return state_lib.create_train_state(config, SPEC, model, state_lib.create_optimizer(config))
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,7 +82,7 @@ def trajectory(aux: bool, mode: str, num_devices: int) -> list[dict]:
                        num_devices=num_devices)
   runner = parallel.make_runner(config)
   assert (runner.mode, runner.num_devices) == (mode, num_devices)
-  model, tx = make_model(config), train.make_optimizer(config)
+  model, tx = make_model(config), state_lib.create_optimizer(config)
   step = runner.train_step(train.train_step, model=model, tx=tx, image_size=28,
                            aux_weight=config.aux_weight)
   state = runner.put_state(initial_state(aux))
@@ -180,14 +159,14 @@ def test_describe_names_mode_device_and_per_device_batch():
 
 @pytest.mark.parametrize('mode', ['pmap', 'sharded', 'auto'])
 def test_batch_not_divisible_is_a_clear_error(mode):
-  with pytest.raises(ValueError, match=r'batch_size 6 .* 4 devices'):
+  with pytest.raises(ConfigError, match=r'batch_size 6 .* 4 devices'):
     parallel.make_runner(make_config(parallelism=mode, num_devices=4, batch_size=6))
 
 
 def test_bad_num_devices_and_mode():
-  with pytest.raises(ValueError, match='num_devices 9'):
+  with pytest.raises(ConfigError, match='num_devices 9'):
     parallel.make_runner(make_config(num_devices=9))
-  with pytest.raises(ValueError, match='unknown parallelism'):
+  with pytest.raises(ConfigError, match='unknown parallelism'):
     parallel.make_runner(make_config(parallelism='tpu'))
 
 
@@ -199,13 +178,12 @@ def eval_result(mode: str, num_devices: int, eval_batch: int, n_test: int = 13) 
   config = make_config(parallelism=mode, num_devices=num_devices)
   runner = parallel.make_runner(config)
   model = make_model(config)
-  runner = runner.with_eval(runner.eval_step_fn(train.eval_step, model=model, image_size=28))
+  eval_fn = train.compile_eval(runner, model, 28, 10)
   images, labels = make_images(n_test, 5)
-  data = input_pipeline.Dataset(images[:1, ..., None], labels[:1].astype(np.int32),
-                                images[..., None], labels.astype(np.int32), source='test')
   params = runner.put_state(initial_state(False).params)
-  return train.evaluate(runner, params, data, train._eval_batch_size(
-      make_config(eval_batch_size=eval_batch), runner.num_devices))
+  return train.evaluate(runner, eval_fn, params, images[..., None], labels.astype(np.int32),
+                        train.eval_batch_size(make_config(eval_batch_size=eval_batch),
+                                              runner.num_devices))
 
 
 @pytest.mark.parametrize('mode,num_devices,eval_batch',
@@ -232,7 +210,7 @@ def test_bfloat16_trains_with_float32_params():
   config = make_config(dtype='bfloat16', parallelism='sharded', num_devices=2,
                        learning_rate=0.05)
   runner = parallel.make_runner(config)
-  model, tx = make_model(config), train.make_optimizer(config)
+  model, tx = make_model(config), state_lib.create_optimizer(config)
   assert model.dtype == jnp.bfloat16
   step = runner.train_step(train.train_step, model=model, tx=tx, image_size=28)
   state = runner.put_state(initial_state(False, 'bfloat16'))
@@ -248,33 +226,44 @@ def test_bfloat16_trains_with_float32_params():
   assert state.metrics['loss_sum'].dtype == jnp.float32
   logits = model.apply({'params': state.params}, jnp.zeros((2, 28, 28, 1)))
   assert logits.dtype == jnp.float32
-  # The convolutions really ran in bfloat16.
+  # The convolution itself ran in bfloat16 (not just the input cast).
   hlo = jax.jit(lambda p, x: model.apply({'params': p}, x)).lower(
       state.params, jnp.zeros((2, 28, 28, 1))).as_text()
-  assert 'bf16' in hlo
+  convs = [line for line in hlo.splitlines() if 'convolution' in line]
+  assert convs and all(line.endswith('bf16>') for line in convs), convs
 
 
-# ----------------------------------------------------------------------------- CLI
+@pytest.mark.parametrize('kernels', ['xla', 'custom'])
+def test_bfloat16_runs_the_inception_kernels_in_bfloat16(kernels):
+  """Every conv, matmul and max of an Inception block computes in bfloat16, with both kernel sets."""
+  block = models.Inception(8, (4, 8), (2, 4), 4, dtype=jnp.bfloat16, kernels=kernels)
+  x = jnp.ones((2, 6, 6, 8), jnp.bfloat16)  # as GoogLeNet casts its input
+  params = block.init(jax.random.key(0), x)['params']
+  loss = lambda p: jnp.sum(block.apply({'params': p}, x).astype(jnp.float32))
+  hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
+  ops_lines = [line for line in hlo.splitlines()
+               if any(op in line for op in ('stablehlo.convolution', 'stablehlo.dot_general',
+                                            'stablehlo.maximum'))]
+  assert len(ops_lines) >= 6
+  for line in ops_lines:
+    result_type = line.rsplit('->', 1)[-1]
+    assert 'bf16' in result_type, line
+  assert block.apply({'params': params}, x).dtype == jnp.bfloat16
 
 
-def cli_args(workdir: Path, idx_dir: Path) -> list[str]:
-  """train.py arguments for 2 epochs of 3 steps on the synthetic data (13 test examples).
+# ----------------------------------------------------------------------------- the loop
+
+
+def loop_config(idx_dir: Path, **overrides) -> 'ml_collections.ConfigDict':
+  """2 epochs of 3 steps on the synthetic data (13 test examples), TinyNet with an aux head.
 
   lr 0.01: at lr 0.1 with momentum 0.9 this tiny problem diverges, and a
-  divergent run amplifies float rounding (1e-8 after 3 steps became 2e-5 in the
-  test loss after 6); the point here is the device layout, not that regime.
+  divergent run amplifies float rounding; the point here is the device layout.
   """
-  return ['--config', 'configs/default.py', '--workdir', str(workdir),
-          '--config.data_source=idx', f'--config.data_dir={idx_dir}', '--config.image_size=28',
-          f'--config.batch_size={BATCH}', '--config.train_examples=24',
-          '--config.eval_examples=13', '--config.num_epochs=2', '--config.momentum=0.9',
-          '--config.learning_rate=0.01', '--config.aux_weight=0.3', '--config.progress=False']
-
-
-def cli_run(workdir: Path, idx_dir: Path, *overrides: str,
-            timeout: int = 400) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, 'train.py', *cli_args(workdir, idx_dir), *overrides],
-                        cwd=REPO, capture_output=True, text=True, timeout=timeout)
+  config = make_config(data_source='idx', data_dir=str(idx_dir), train_examples=24,
+                       eval_examples=13, num_epochs=2, learning_rate=0.01, aux_weight=0.3,
+                       progress=False, **overrides)
+  return config
 
 
 METRIC_KEYS = ('epoch', 'step', 'train_loss', 'train_acc', 'test_loss', 'test_acc')
@@ -287,31 +276,31 @@ def assert_same_metrics(got: list[dict], ref: list[dict]) -> None:
       np.testing.assert_allclose(g[key], r[key], rtol=RTOL, atol=ATOL, err_msg=key)
 
 
+def run_loop(workdir: Path, idx_dir: Path, **overrides) -> list[dict]:
+  config = loop_config(idx_dir, **overrides)
+  train.train_and_evaluate(config, workdir, model=TinyNet(aux_heads=True))
+  return metrics_lib.read_jsonl(workdir / 'metrics.jsonl')
+
+
 @functools.lru_cache(maxsize=None)
 def single_device_metrics(idx_dir: Path) -> list[dict]:
-  """metrics.jsonl of a one-device CLI run; run once per session (test_multihost uses it too)."""
+  """metrics.jsonl of a one-device run of the loop; once per session (test_multihost uses it)."""
   workdir = Path(tempfile.mkdtemp(prefix='gnet_single_'))
   try:
-    result = cli_run(workdir, idx_dir, '--config.parallelism=none')
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert 'parallelism: none on 1 x' in result.stdout
-    return metrics_lib.read_jsonl(workdir / 'metrics.jsonl')
+    return run_loop(workdir, idx_dir, parallelism='none')
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def test_cli_pmap_4_devices_matches_single_device(tmp_path, idx_dir):
-  result = cli_run(tmp_path, idx_dir, '--config.parallelism=pmap', '--config.num_devices=4')
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'parallelism: pmap on 4 x' in result.stdout
-  assert 'per-device batch 2' in result.stdout
-  got = metrics_lib.read_jsonl(tmp_path / 'metrics.jsonl')
+@pytest.mark.parametrize('mode', ['pmap', 'sharded'])
+def test_loop_on_4_devices_matches_single_device(tmp_path, idx_dir, capsys, mode):
+  got = run_loop(tmp_path, idx_dir, parallelism=mode, num_devices=4)
+  assert f'parallelism: {mode} on 4 x' in capsys.readouterr().out
   assert_same_metrics(got, single_device_metrics(idx_dir))
   assert json.loads((tmp_path / 'config.json').read_text())['num_devices'] == 4
 
 
-def test_cli_batch_not_divisible_names_both_numbers(tmp_path, idx_dir):
-  result = cli_run(tmp_path, idx_dir, '--config.parallelism=sharded', '--config.batch_size=6',
-                   '--config.num_devices=4')
-  assert result.returncode == 2
-  assert 'batch_size 6' in result.stderr and '4 devices' in result.stderr
+def test_loop_batch_not_divisible_names_both_numbers(tmp_path, idx_dir):
+  with pytest.raises(ConfigError, match=r'batch_size 6 does not divide across 4 devices'):
+    run_loop(tmp_path / 'w', idx_dir, parallelism='sharded', batch_size=6, num_devices=4)
+  assert not (tmp_path / 'w').exists()
