@@ -1,8 +1,8 @@
 """Two processes on 127.0.0.1 (2 CPU devices each) train like one process on 1 device.
 
 Each test starts two processes joined by ``jax.distributed.initialize``:
-``python train.py`` end to end (GoogLeNet, ``sharded``; its ``metrics.jsonl``
-against the one-device run of ``test_parallel``), and the step of
+the training loop end to end (TinyNet, ``sharded``; its ``metrics.jsonl``
+against the one-device run of ``test_parallel``), a refused non-shared workdir, and the step of
 ``test_parallel`` (TinyNet with aux heads) under ``pmap`` and ``sharded``
 (parameters, optimizer state and metrics against one device). Both processes
 are killed whatever happens; each has a time limit.
@@ -24,8 +24,7 @@ import pytest
 
 from conftest import REPO
 from gnet_jax import metrics as metrics_lib
-from test_parallel import (ATOL, RTOL, STEPS, assert_same_metrics, cli_args,
-                           single_device_metrics, trajectory)
+from test_parallel import ATOL, RTOL, STEPS, assert_same_metrics, single_device_metrics, trajectory
 
 TIMEOUT_S = 400  # per two-process run
 CLI_TIMEOUT_S = 900
@@ -50,21 +49,36 @@ def child_env(devices: int) -> dict[str, str]:
   return env
 
 
-def run_two_processes(workdir: Path, idx_dir: Path, mode: str) -> list[tuple[int, str, str]]:
-  """Both processes' (exit status, stdout, stderr); both are killed if either overruns."""
+LOOP_WORKER = '''
+import os, re, sys
+from pathlib import Path
+sys.path[:0] = [{repo!r}, {tests!r}]
+import test_parallel as tp  # imports conftest, which asks for 8 CPU devices ...
+os.environ['XLA_FLAGS'] = re.sub(r'count=\\d+', 'count=2', os.environ['XLA_FLAGS'])  # ... 2 here
+from conftest import TinyNet
+from gnet_jax import cli, parallel, train
+config = tp.loop_config(Path({idx!r}), parallelism={mode!r}, distributed=True,
+                        coordinator_address={address!r}, num_processes=2, process_id={pid})
+parallel.maybe_initialize_distributed(config)
+run = lambda: train.train_and_evaluate(config, Path({workdir!r}), model=TinyNet(aux_heads=True))
+sys.exit(cli.run_command(lambda: run() and 0))
+'''
+
+
+def run_two_processes(workdirs: list[Path], idx_dir: Path, mode: str
+                      ) -> list[tuple[int, str, str]]:
+  """The real loop in two processes: (exit status, stdout, stderr) of each; killed on overrun."""
   address = f'127.0.0.1:{free_port()}'
-  logs = [(workdir.parent / f'process{i}.out', workdir.parent / f'process{i}.err')
+  logs = [(workdirs[0].parent / f'process{i}.out', workdirs[0].parent / f'process{i}.err')
           for i in range(2)]
   procs = []
   try:
     for pid, (out, err) in enumerate(logs):
-      cmd = [sys.executable, 'train.py', *cli_args(workdir, idx_dir),
-             f'--config.parallelism={mode}', '--config.distributed=True',
-             f'--config.coordinator_address={address}', '--config.num_processes=2',
-             f'--config.process_id={pid}']
+      code = LOOP_WORKER.format(repo=str(REPO), tests=str(REPO / 'tests'), idx=str(idx_dir),
+                                mode=mode, address=address, pid=pid, workdir=str(workdirs[pid]))
       with open(out, 'w') as stdout, open(err, 'w') as stderr:
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=child_env(2), stdout=stdout,
-                                      stderr=stderr, text=True))
+        procs.append(subprocess.Popen([sys.executable, '-c', code], cwd=REPO, env=child_env(2),
+                                      stdout=stdout, stderr=stderr, text=True))
     deadline = time.monotonic() + CLI_TIMEOUT_S
     for proc in procs:
       try:
@@ -81,14 +95,11 @@ def run_two_processes(workdir: Path, idx_dir: Path, mode: str) -> list[tuple[int
           for proc, (out, err) in zip(procs, logs)]
 
 
-# Each process compiles GoogLeNet itself (the persistent cache does not serve the
-# two-process program): about a minute on a quiet 2-core machine. pmap across
-# processes is covered by the step test below.
 @pytest.mark.parametrize('mode', ['sharded'])
 def test_two_processes_match_single_device(mode, tmp_path, idx_dir):
   # One workdir for both, as on a shared file system: only process 0 writes to it.
   workdir = tmp_path / 'run'
-  results = run_two_processes(workdir, idx_dir, mode)
+  results = run_two_processes([workdir, workdir], idx_dir, mode)
   for pid, (code, out, err) in enumerate(results):
     assert code == 0, f'process {pid} failed:\n{err[-3000:]}'
   out0, out1 = results[0][1], results[1][1]
@@ -98,9 +109,22 @@ def test_two_processes_match_single_device(mode, tmp_path, idx_dir):
   # Process 1 prints nothing (gloo's own connection lines aside, which two threads may interleave).
   assert re.sub(GLOO_WORDS, '', out1) == '', out1
   assert {'config.json', 'metrics.jsonl', 'curves.png'} <= {p.name for p in workdir.iterdir()}
+  assert not list(workdir.glob('.gnet_jax_shared_*'))  # the shared-folder marker is removed
   got = metrics_lib.read_jsonl(workdir / 'metrics.jsonl')
   assert [m['epoch'] for m in got] == [1, 2]  # written once, not once per process
   assert_same_metrics(got, single_device_metrics(idx_dir))
+
+
+def test_separate_workdirs_are_refused_at_start(tmp_path, idx_dir):
+  """Two processes given different workdirs: a clear error on both, not a hang at shutdown."""
+  workdirs = [tmp_path / 'p0', tmp_path / 'p1']
+  results = run_two_processes(workdirs, idx_dir, 'sharded')
+  for pid, (code, _, err) in enumerate(results):
+    assert code == 2, f'process {pid}:\n{err[-3000:]}'
+    assert 'error: --workdir' in err and 'is not shared: process(es) 1' in err, err[-3000:]
+    assert 'Traceback' not in err
+  assert not (tmp_path / 'p1').exists()
+  assert not (tmp_path / 'p0' / 'checkpoints').exists()
 
 
 # The steps of test_parallel (TinyNet with aux heads, 3 steps), run by two processes.
