@@ -3,9 +3,10 @@
 Restores the newest readable checkpoint in ``DIR/checkpoints`` (or step ``N``),
 rebuilds the model from the config saved with it, and prints accuracy and loss
 over the whole test split plus a confusion matrix, also saved as
-``DIR/confusion.png``. It runs the same evaluation as training
-(``train.evaluate``) on one device, whatever layout trained the checkpoint
-(checkpoints are layout-free).
+``DIR/confusion.png``, and draws the first test images with their true and
+predicted classes as ``DIR/predictions.png`` (misclassified ones in red). It
+runs the same evaluation as training (``train.evaluate``) on one device,
+whatever layout trained the checkpoint (checkpoints are layout-free).
 """
 
 from __future__ import annotations
@@ -19,11 +20,22 @@ from typing import Sequence
 import numpy as np
 
 
-def evaluate_checkpoint(workdir: str | Path, step: int | None = None) -> dict:
-  """Accuracy, loss and confusion matrix of a checkpoint over the full test split."""
+# Test images drawn in predictions.png (a 4 x 8 grid).
+NUM_EXAMPLES = 32
+
+
+def evaluate_checkpoint(workdir: str | Path, step: int | None = None,
+                        num_examples: int = NUM_EXAMPLES) -> dict:
+  """Accuracy, loss and confusion matrix of a checkpoint over the full test split.
+
+  Also ``examples``: the first ``num_examples`` test images (uint8 NHWC), their
+  labels and the predicted classes, for ``plot_predictions``. The evaluation
+  step only returns sums, so these come from a separate jitted forward pass
+  (``predict.make_predict_fn``, the one ``python -m gnet_jax.predict`` uses).
+  """
   import ml_collections
 
-  from gnet_jax import input_pipeline, parallel, state as state_lib, train
+  from gnet_jax import input_pipeline, parallel, predict, state as state_lib, train
 
   state, config, step = state_lib.load_checkpoint(workdir, step)
   spec = input_pipeline.dataset_spec(config.dataset)
@@ -36,7 +48,14 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None) -> dict:
                                spec.num_classes)
   result = train.evaluate(runner, eval_fn, runner.put_state(state.params), data.test_images,
                           data.test_labels, train.eval_batch_size(config, 1))
-  return {**result, 'step': step, 'config': config, 'class_names': spec.class_names}
+  images = data.test_images[:num_examples]
+  predict_fn = predict.make_predict_fn(state_lib.create_model(config, spec), state.params,
+                                       config.image_size)
+  examples = {'images': images, 'labels': np.asarray(data.test_labels[:num_examples]),
+              'predictions': (predict_fn(images).argmax(-1) if len(images)
+                              else np.zeros((0,), np.int64))}
+  return {**result, 'step': step, 'config': config, 'class_names': spec.class_names,
+          'examples': examples}
 
 
 def format_confusion(confusion: np.ndarray, names: Sequence[str]) -> str:
@@ -73,6 +92,45 @@ def plot_confusion(confusion: np.ndarray, names: Sequence[str], title: str,
   plt.close(fig)
 
 
+def plot_predictions(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                     names: Sequence[str], title: str, path: str | os.PathLike,
+                     columns: int = 8) -> None:
+  """A grid of test images titled 'true / predicted' (d2l's ``predict_ch3``); mistakes in red.
+
+  A misclassified image gets a red title and a red frame, so the errors stand
+  out at a glance; correct ones have a plain black title and no frame.
+  """
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  n = len(images)
+  rows = max(1, -(-n // columns))
+  cols = min(columns, max(n, 1))
+  fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.75 * rows + 0.5), dpi=100,
+                           squeeze=False)
+  for i, ax in enumerate(axes.flat):
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if i >= n:
+      ax.axis('off')
+      continue
+    ax.imshow(images[i][..., 0] if images[i].shape[-1] == 1 else images[i], cmap='gray',
+              vmin=0, vmax=255)
+    wrong = int(predictions[i]) != int(labels[i])
+    ax.set_title(f'true: {names[int(labels[i])]}\npred: {names[int(predictions[i])]}',
+                 fontsize=7, color='red' if wrong else 'black')
+    for spine in ax.spines.values():
+      spine.set_visible(wrong)
+      spine.set_color('red')
+      spine.set_linewidth(2.5)
+  wrong = int(np.sum(np.asarray(predictions) != np.asarray(labels)))
+  fig.suptitle(f'{title}: {wrong} of {n} misclassified (red)', fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, format='png')
+  plt.close(fig)
+
+
 def run(args: argparse.Namespace) -> int:
   result = evaluate_checkpoint(args.workdir, args.step)
   config, names = result['config'], result['class_names']
@@ -85,6 +143,12 @@ def run(args: argparse.Namespace) -> int:
   plot_confusion(result['confusion'], names,
                  f'{config.dataset}, step {result["step"]}: test accuracy '
                  f'{result["accuracy"]:.4f}', path)
+  print(f'saved {path}')
+  examples = result['examples']
+  path = Path(args.workdir) / 'predictions.png'
+  plot_predictions(examples['images'], examples['labels'], examples['predictions'], names,
+                   f'{config.dataset}, step {result["step"]}: the first '
+                   f'{len(examples["labels"])} test images', path)
   print(f'saved {path}')
   return 0
 

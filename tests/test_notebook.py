@@ -47,9 +47,18 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
   assert 'sharded on 2 x cpu' in text  # data-parallel across both devices
   assert 'epoch 1/1: loss' in text
   assert 'test accuracy' in text and 'over 32 examples' in text
+  assert f'TensorBoard: tensorboard --logdir {workdir / "tensorboard"}' in text  # not Colab
+  assert f'saved {workdir / "predictions.png"}' in text
+  # predict on three test images, the third saved dark-on-light and inverted back
+  samples = sorted((workdir / 'samples').glob('*.png'))
+  assert [p.name for p in samples] == ['test_0.png', 'test_1.png', 'test_2_dark_on_light.png']
+  assert '-m gnet_jax.predict --workdir' in text
+  assert text.count('(inverted: dark on light)') == 1
+  assert sum(line.startswith('  1. ') for line in text.splitlines()) == 3
   images = [o for c in nb.cells for o in c.get('outputs', [])
             if 'image/png' in o.get('data', {})]
-  assert len(images) == 3  # curves.png, the matplotlib plot, confusion.png
+  # curves.png, the matplotlib plot, confusion.png, predictions.png, the three samples
+  assert len(images) == 5
   (line,) = (workdir / 'metrics.jsonl').read_text().splitlines()
   assert json.loads(line)['epoch'] == 1
   assert (workdir / 'confusion.png').is_file()

@@ -1,0 +1,214 @@
+"""Ask a checkpoint about your own images: ``python -m gnet_jax.predict --workdir DIR IMAGE...``.
+
+Restores the newest readable checkpoint in ``DIR/checkpoints`` (or ``--step N``),
+rebuilds the model from the config saved with it, and prints the three most
+likely classes, with their names and softmax probabilities, for each PNG/JPEG
+file (``--json``: one JSON document instead).
+
+Each file is converted the way the dataset's images look:
+
+- transparent pixels are put on white (a drawing app's black strokes on a
+  transparent canvas become dark-on-light, handled by the next step);
+- grayscale (Pillow's 'L', 0..255; 16-bit files are scaled down, not clipped);
+- MNIST and Fashion-MNIST are light-on-dark, so a dark digit on white paper is
+  inverted. ``--invert auto`` (default) inverts when the mean of the image's
+  border is brighter than mid-grey (127), i.e. the background is light;
+  ``--invert yes/no`` overrides that;
+- fitted into 28x28 keeping its aspect ratio (no stretching), the rest padded
+  with the background's brightness (the median of the border after
+  inversion), so a photo should be cropped roughly around the digit or item.
+  A 28x28 image (e.g. a test image saved as PNG) passes through unchanged.
+
+The model then sees it exactly as in training and evaluation:
+``train.preprocess`` scales to [0, 1] and resizes to the run's ``image_size``
+on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from gnet_jax.errors import DatasetError, InputError
+
+INVERT_CHOICES = ('auto', 'yes', 'no')
+TOP_K = 3
+# Images per forward pass: a batch is padded up to a power of two (at most this), so a
+# handful of images compiles one small program and many images reuse one larger one.
+MAX_BATCH = 32
+
+
+def _border(pixels: np.ndarray) -> np.ndarray:
+  """The outer ring of a 2-D image, as wide as one pixel of the 28x28 result would be."""
+  h, w = pixels.shape
+  width = max(1, min(h, w) // 28)
+  return np.concatenate([pixels[:width].ravel(), pixels[-width:].ravel(),
+                         pixels[:, :width].ravel(), pixels[:, -width:].ravel()])
+
+
+def load_image(path: str | os.PathLike, size: tuple[int, int] = (28, 28),
+               invert: str = 'auto') -> tuple[np.ndarray, bool]:
+  """One image file as the dataset stores images: uint8 ``size`` + (1,), light on dark.
+
+  Returns ``(pixels, inverted)``. Raises ``DatasetError`` naming the file when
+  it is missing, unreadable or not an image Pillow can decode.
+  """
+  from PIL import Image, ImageOps, UnidentifiedImageError
+
+  if invert not in INVERT_CHOICES:
+    raise InputError(f'--invert {invert!r} is not allowed; choose one of '
+                     f'{", ".join(INVERT_CHOICES)}')
+  path = Path(path)
+  if not path.exists():
+    raise DatasetError(f'{path}: no such file')
+  if path.is_dir():
+    raise DatasetError(f'{path}: is a folder, not an image file')
+  try:
+    with Image.open(path) as image:
+      image = ImageOps.exif_transpose(image)  # phone photos: upright as shown
+      if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
+        rgba = image.convert('RGBA')
+        image = Image.alpha_composite(Image.new('RGBA', rgba.size, 'white'), rgba)
+      if image.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):  # 16-bit or float grayscale
+        wide = np.asarray(image, np.float64)
+        wide = wide / 257 if wide.max() > 255 else wide  # 0..65535 -> 0..255
+        gray = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), 'L')
+      else:
+        gray = image.convert('L')
+  except UnidentifiedImageError:
+    raise DatasetError(f'{path}: not an image Pillow can read; give PNG or JPEG files') from None
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # damaged, huge
+    raise DatasetError(f'{path}: cannot be read as an image ({e})') from None
+
+  pixels = np.asarray(gray, np.uint8)
+  do_invert = {'yes': True, 'no': False}.get(invert)
+  if do_invert is None:
+    do_invert = bool(_border(pixels).mean() > 127)
+  if do_invert:
+    pixels = 255 - pixels
+  background = int(np.median(_border(pixels)))
+  fitted = ImageOps.pad(Image.fromarray(pixels, 'L'), size, method=Image.Resampling.LANCZOS,
+                        color=background)
+  return np.asarray(fitted, np.uint8)[..., None], do_invert
+
+
+def _batch_size(n: int) -> int:
+  """The padded batch for ``n`` images: the next power of two, at most ``MAX_BATCH``."""
+  return min(MAX_BATCH, 1 << max(0, n - 1).bit_length())
+
+
+def make_predict_fn(model: Any, params: Any, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
+  """uint8 NHWC images -> softmax probabilities [N, classes], with one jitted forward pass.
+
+  The same preprocessing as training (``train.preprocess``), in fixed-size
+  padded batches so that the number of images does not trigger recompiles.
+  """
+  import jax
+
+  from gnet_jax import train
+
+  @jax.jit
+  def probabilities(params, images):
+    logits = model.apply({'params': params}, train.preprocess(images, image_size))
+    return jax.nn.softmax(logits.astype(np.float32), axis=-1)
+
+  params = jax.device_put(params)
+
+  def predict(images: np.ndarray) -> np.ndarray:
+    out = []
+    batch = _batch_size(len(images))
+    for start in range(0, len(images), batch):
+      chunk = images[start:start + batch]
+      padded = np.zeros((batch, *images.shape[1:]), np.uint8)
+      padded[:len(chunk)] = chunk
+      out.append(np.asarray(probabilities(params, padded))[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+  return predict
+
+
+def top_classes(probs: np.ndarray, names: Sequence[str], k: int = TOP_K) -> list[dict]:
+  """The ``k`` most likely classes, most likely first: ``{class, name, probability}``."""
+  order = np.argsort(-probs, kind='stable')[:k]
+  return [{'class': int(i), 'name': names[i], 'probability': float(probs[i])} for i in order]
+
+
+def predict_images(workdir: str | Path, paths: Sequence[str | os.PathLike],
+                   step: int | None = None, invert: str = 'auto') -> list[dict]:
+  """Top-3 classes of each image file under a checkpoint of ``workdir``.
+
+  Returns one dict per path, in order: ``{path, top: [{class, name,
+  probability}], inverted, step}`` (``step``: the checkpoint that answered).
+  Images are read first, so a bad file fails before any compiling; raises
+  ``DatasetError`` for a bad file and ``CheckpointError`` for a workdir
+  without a usable checkpoint.
+  """
+  from gnet_jax import input_pipeline, state as state_lib, xla_flags
+
+  if not paths:
+    raise InputError('no image files given')
+  loaded = [load_image(p, invert=invert) for p in paths]
+  host_state, config, restored_step = state_lib.load_checkpoint(workdir, step)
+  spec = input_pipeline.dataset_spec(config.dataset)
+  for p, (pixels, _) in zip(paths, loaded):  # the loader's 28x28x1 must be what the model saw
+    if pixels.shape != tuple(spec.image_shape):
+      raise DatasetError(f'{p}: converted to {pixels.shape}, but {config.dataset} images are '
+                         f'{spec.image_shape}')
+  xla_flags.enable_compilation_cache(config.get('compilation_cache', 'auto'))
+  model = state_lib.create_model(config, spec)
+  predict = make_predict_fn(model, host_state.params, config.image_size)
+  probs = predict(np.stack([pixels for pixels, _ in loaded]))
+  return [{'path': str(p), 'top': top_classes(row, spec.class_names), 'inverted': inverted,
+           'step': restored_step}
+          for p, (_, inverted), row in zip(paths, loaded, probs)]
+
+
+def format_results(results: list[dict]) -> str:
+  """Human-readable: one block per image, the top classes with percentages."""
+  lines = []
+  for r in results:
+    note = ' (inverted: dark on light)' if r['inverted'] else ''
+    lines.append(f'{r["path"]}{note}')
+    for rank, t in enumerate(r['top'], 1):
+      lines.append(f'  {rank}. {t["name"]:<12} (class {t["class"]}) {100 * t["probability"]:6.2f}%')
+  return '\n'.join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+  results = predict_images(args.workdir, args.images, args.step, args.invert)
+  if args.json:
+    print(json.dumps(results, indent=2))
+  else:
+    print(f'checkpoint: step {results[0]["step"]} in '
+          f'{Path(args.workdir).absolute() / "checkpoints"}')
+    print(format_results(results))
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m gnet_jax.predict',
+      description='Print the top-3 classes of PNG/JPEG images under a trained checkpoint.')
+  parser.add_argument('--workdir', required=True, help="the training run's --workdir")
+  parser.add_argument('--step', type=int, default=None,
+                      help='checkpoint step to use (default: the newest readable one)')
+  parser.add_argument('--invert', choices=INVERT_CHOICES, default='auto',
+                      help='make dark-on-light images light-on-dark like the dataset: auto '
+                           '(default) inverts when the border is light, yes/no force it')
+  parser.add_argument('--json', action='store_true', help='print one JSON document')
+  parser.add_argument('images', nargs='+', metavar='IMAGE', help='PNG or JPEG files')
+  args = parser.parse_args(argv)
+  from gnet_jax import cli
+  return cli.run_command(run, args)
+
+
+if __name__ == '__main__':
+  from gnet_jax import cli
+  cli.quiet_logs()
+  sys.exit(main())

@@ -1,0 +1,82 @@
+"""``python -m gnet_jax.evaluate``'s prediction grid (``predictions.png``) and its examples.
+
+The checkpoint is an untrained step-0 GoogLeNet (quickstart config, written
+with ``checkpoint.save_state``): the plumbing is what is tested, not accuracy.
+"""
+
+import numpy as np
+import pytest
+
+from conftest import make_images
+
+from gnet_jax import checkpoint, evaluate, state as state_lib
+
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory, idx_dir):
+  """A step-0 checkpoint of the quickstart config (no training: a second or two)."""
+  from configs import quickstart
+  config = quickstart.get_config()
+  config.data_dir, config.data_source = str(idx_dir), 'idx'
+  _, _, host = state_lib.build(config)
+  folder = tmp_path_factory.mktemp('evaluate_run')
+  checkpoint.save_state(folder, host, config)
+  return folder
+
+
+@pytest.fixture(scope='module')
+def result(workdir):
+  # More examples than the 40 test images: all of them, over two forward batches.
+  return evaluate.evaluate_checkpoint(workdir, num_examples=64)
+
+
+def test_examples_are_the_first_test_images_with_predictions(result, idx_dir):
+  assert {'loss', 'accuracy', 'count', 'confusion', 'step', 'config', 'class_names',
+          'examples'} <= set(result)
+  examples = result['examples']
+  images, labels = make_images(40, seed=1)  # conftest's test split
+  np.testing.assert_array_equal(examples['images'][..., 0], images)
+  np.testing.assert_array_equal(examples['labels'], labels)
+  assert examples['predictions'].shape == (40,)
+  assert ((examples['predictions'] >= 0) & (examples['predictions'] < 10)).all()
+
+
+def test_example_predictions_agree_with_the_evaluation(result):
+  # Over the whole split, the forward pass's predictions rebuild the eval step's confusion.
+  examples = result['examples']
+  confusion = np.zeros((10, 10), np.int64)
+  np.add.at(confusion, (examples['labels'], examples['predictions']), 1)
+  np.testing.assert_array_equal(confusion, result['confusion'])
+
+
+def test_plot_predictions_writes_a_grid(tmp_path, result):
+  examples = result['examples']
+  labels = examples['labels'][:32]
+  predictions = labels.copy()
+  predictions[::5] = (predictions[::5] + 1) % 10  # 7 mistakes among 32, to mark in red
+  path = tmp_path / 'predictions.png'
+  evaluate.plot_predictions(examples['images'][:32], labels, predictions,
+                            result['class_names'], 'fashion_mnist, step 0: the first 32', path)
+  data = path.read_bytes()
+  assert data[:8] == PNG_MAGIC
+  assert 20_000 < len(data) < 1_000_000
+  width, height = int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
+  assert (width, height) == (1200, 750)  # 8 x 4 subplots of 1.5 x 1.75 in, at 100 dpi
+
+
+def test_plot_predictions_handles_a_partial_row(tmp_path, result):
+  examples = result['examples']
+  path = tmp_path / 'few.png'
+  evaluate.plot_predictions(examples['images'][:3], examples['labels'][:3],
+                            examples['predictions'][:3], result['class_names'], 'three', path)
+  assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_command_saves_predictions_beside_confusion(workdir, capsys):
+  assert evaluate.main(['--workdir', str(workdir)]) == 0
+  out = capsys.readouterr().out
+  assert f'saved {workdir / "confusion.png"}' in out
+  assert f'saved {workdir / "predictions.png"}' in out
+  assert (workdir / 'predictions.png').read_bytes()[:8] == PNG_MAGIC
