@@ -2,6 +2,8 @@
 
 import functools
 import json
+import subprocess
+import sys
 
 import chex
 import flax.linen as nn
@@ -11,9 +13,11 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import make_images
-from gnet_jax import models, train
+from conftest import REPO, TinyNet, make_images
+from gnet_jax import input_pipeline, models, state as state_lib, train
 from configs import default
+
+SPEC = input_pipeline.dataset_spec('fashion_mnist')
 
 BATCH = 8
 
@@ -38,8 +42,7 @@ def batch():
 def setup():
   """One compiled train step for the plain network, shared by the tests below."""
   config = small_config()
-  model, tx = train.make_model(config), train.make_optimizer(config)
-  state = train.create_train_state(config, (28, 28, 1), model, tx)
+  model, tx, state = state_lib.build(config)
   step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, image_size=28))
   return config, model, tx, state, step
 
@@ -89,8 +92,8 @@ def test_eval_step_counts_only_unmasked_examples(setup, logits_fn, batch):
   np.testing.assert_allclose(float(sums['loss_sum']), float(losses.sum()), rtol=1e-5)
 
 
-class TinyNet(nn.Module):
-  """A small network with GoogLeNet's call signature, so the step can also run un-jitted.
+class SmallInception(nn.Module):
+  """A small network with an Inception block, so the step can also run un-jitted.
 
   (Running the full GoogLeNet op by op takes minutes on a small CPU.)
   """
@@ -101,24 +104,45 @@ class TinyNet(nn.Module):
     return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
 
 
-def test_jit_and_eager_steps_agree(batch):
-  model, tx = TinyNet(), optax.sgd(0.1, momentum=0.9)
+@pytest.fixture(scope='module')
+def small_inception_steps(batch):
+  """Two SGD steps of SmallInception, eager and jitted (chex.variants below)."""
+  model, tx = SmallInception(), optax.sgd(0.1, momentum=0.9)
   params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))['params']
-  state = train.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                           rng=jax.random.key_data(jax.random.key(0)),
-                           metrics=train.zero_metrics())
-  step = functools.partial(train.train_step, model=model, tx=tx, image_size=28)
-  eager, jitted = state, state
-  for _ in range(2):
-    eager = step(eager, batch)
-    jitted = jax.jit(step)(jitted, batch)
-  chex.assert_trees_all_close(eager, jitted, rtol=1e-5, atol=1e-6)
+  state = state_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                               rng=jax.random.key_data(jax.random.key(0)),
+                               metrics=state_lib.zero_metrics())
+  return state, functools.partial(train.train_step, model=model, tx=tx, image_size=28)
+
+
+class TestStepVariants(chex.TestCase):
+  """The train step gives the same state with and without jit."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_two_steps(self):
+    state, step = self._setup
+    variant_step = self.variant(step)
+    for _ in range(2):
+      state = variant_step(state, self._batch)
+    chex.assert_tree_all_finite(state)
+    chex.assert_trees_all_close(state, self._reference, rtol=1e-5, atol=1e-6)
+    assert int(state.step) == 2
+
+
+@pytest.fixture(autouse=True)
+def _variants_setup(request, small_inception_steps, batch):
+  if request.cls is TestStepVariants:
+    state, step = small_inception_steps
+    request.instance._setup, request.instance._batch = small_inception_steps, batch
+    reference = state
+    for _ in range(2):
+      reference = jax.jit(step)(reference, batch)
+    request.instance._reference = reference
 
 
 def test_aux_heads_enter_the_training_loss(batch):
   config = small_config(aux_weight=0.3)
-  model, tx = train.make_model(config), train.make_optimizer(config)
-  state = train.create_train_state(config, (28, 28, 1), model, tx)
+  model, tx, state = state_lib.build(config)
   assert 'aux1' in state.params
   new = jax.jit(functools.partial(train.train_step, model=model, tx=tx, image_size=28,
                                   aux_weight=0.3))(state, batch)
@@ -146,14 +170,60 @@ def test_preprocess_matches_torch_antialiased_bilinear_resize():
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
-def test_training_is_deterministic(idx_dir, tmp_path):
-  config = small_config(data_source='idx', data_dir=str(idx_dir), num_epochs=2,
-                        train_examples=32, eval_examples=12, progress=False)
-  first = train.train_and_evaluate(config, tmp_path / 'a')
-  second = train.train_and_evaluate(config, tmp_path / 'b')
+# ----------------------------------------------------------------------------- the loop
+
+LOOP_CHILD = '''
+import sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import conftest  # 8 CPU devices, the test compilation cache
+from conftest import TinyNet
+from test_train import loop_config
+from gnet_jax import train
+train.train_and_evaluate(loop_config({idx!r}), {workdir!r}, model=TinyNet(aux_heads=True))
+'''
+
+
+def loop_config(idx_dir, **overrides):
+  """The real loop on TinyNet: 2 epochs of 4 steps, aux head, Adam-free SGD with momentum."""
+  settings = dict(data_source='idx', data_dir=str(idx_dir), num_epochs=2, train_examples=32,
+                  eval_examples=12, progress=False, aux_weight=0.3, log_every_steps=2)
+  return small_config(**{**settings, **overrides})
+
+
+def test_training_is_deterministic_across_processes(idx_dir, tmp_path, monkeypatch):
+  # The train step is traced once for the whole run (then AOT-compiled), never re-traced.
+  monkeypatch.setattr(train, 'train_step', chex.assert_max_traces(train.train_step, n=1))
+  first = train.train_and_evaluate(loop_config(idx_dir), tmp_path / 'a',
+                                   model=TinyNet(aux_heads=True))
+  child = subprocess.run([sys.executable, '-c', LOOP_CHILD.format(
+      repo=str(REPO), tests=str(REPO / 'tests'), idx=str(idx_dir), workdir=str(tmp_path / 'b'))],
+      capture_output=True, text=True, timeout=300)
+  assert child.returncode == 0, child.stderr[-3000:]
   timing = ('examples_per_sec', 'seconds')
-  assert {k: v for k, v in first.items() if k not in timing} == {
-      k: v for k, v in second.items() if k not in timing}
-  lines = (tmp_path / 'a' / 'metrics.jsonl').read_text().splitlines()
-  assert [json.loads(l)['epoch'] for l in lines] == [1, 2]
+  rows = [[{k: v for k, v in json.loads(line).items() if k not in timing}
+           for line in (tmp_path / run / 'metrics.jsonl').read_text().splitlines()]
+          for run in ('a', 'b')]
+  assert rows[0] == rows[1] and [r['epoch'] for r in rows[0]] == [1, 2]
   assert first['step'] == 2 * 32 // BATCH
+  assert (tmp_path / 'a' / 'steps.jsonl').read_text() == (tmp_path / 'b' / 'steps.jsonl').read_text()
+
+
+def test_intra_epoch_points_come_from_the_running_sums(idx_dir, tmp_path):
+  train.train_and_evaluate(loop_config(idx_dir, num_epochs=1, log_every_steps=1), tmp_path,
+                           model=TinyNet(aux_heads=True))
+  points = [json.loads(line) for line in (tmp_path / 'steps.jsonl').read_text().splitlines()]
+  (epoch,) = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [p['step'] for p in points] == [1, 2, 3, 4]
+  assert [p['epoch_progress'] for p in points] == [0.25, 0.5, 0.75, 1.0]
+  # The four one-step intervals average to the epoch's loss and accuracy.
+  np.testing.assert_allclose(np.mean([p['train_loss'] for p in points]), epoch['train_loss'],
+                             rtol=1e-5)
+  np.testing.assert_allclose(np.mean([p['train_acc'] for p in points]), epoch['train_acc'])
+
+
+def test_profile_steps_writes_a_trace(idx_dir, tmp_path, capsys):
+  train.train_and_evaluate(loop_config(idx_dir, num_epochs=1, profile_steps=1), tmp_path,
+                           model=TinyNet(aux_heads=True))
+  traces = list((tmp_path / 'profile').rglob('*.xplane.pb'))
+  assert traces and traces[0].stat().st_size > 1000
+  assert 'profiler trace of steps 3-3 written to' in capsys.readouterr().out
