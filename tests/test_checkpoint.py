@@ -1,9 +1,9 @@
 """Checkpoints: exact resume after SIGKILL, SIGTERM stop, damage fallback, layouts, evaluate.
 
-Training runs are real subprocesses (``train.py``) on the tiny synthetic IDX
-set: 48 examples, batch 8 -> 6 steps per epoch, 2 epochs, a checkpoint every 4
-steps and at each epoch's end (steps 4, 6, 8, 12; the newest 3 are kept).
-Everything else works in-process on copies of those runs' workdirs.
+The real training loop runs in-process on TinyNet (conftest) over the tiny
+synthetic IDX set: 48 examples, batch 8 -> 6 steps per epoch, 2 epochs, a
+checkpoint every 4 steps and at each epoch's end (steps 4, 6, 8, 12; the
+newest 3 are kept). Only the SIGKILL test needs a child process.
 """
 
 import json
@@ -12,28 +12,23 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import chex
 import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TinyNet
 import jax
 
-from gnet_jax import checkpoint, cli, evaluate, parallel, train
+from gnet_jax import checkpoint, cli, evaluate, input_pipeline, parallel, preemption
+from gnet_jax import state as state_lib, train
 
+SPEC = input_pipeline.dataset_spec('fashion_mnist')
 TIMING_KEYS = ('examples_per_sec', 'seconds')
 OVERRIDES = dict(data_source='idx', batch_size=8, train_examples=48, num_epochs=2,
                  checkpoint_every_steps=4, parallelism='none', progress=False)
-
-
-def run_train(workdir, idx_dir, env_extra=None, **overrides):
-  args = [sys.executable, 'train.py', '--config', 'configs/quickstart.py', '--workdir',
-          str(workdir), f'--config.data_dir={idx_dir}']
-  args += [f'--config.{k}={v}' for k, v in {**OVERRIDES, **overrides}.items()]
-  env = {**os.environ, **(env_extra or {})}
-  return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def make_config(idx_dir, **overrides) -> ml_collections.ConfigDict:
@@ -45,8 +40,24 @@ def make_config(idx_dir, **overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def final_state(workdir):
-  state, _, step = checkpoint.restore_latest(workdir)
+def model_for(config):
+  return TinyNet(aux_heads=config.aux_weight > 0)
+
+
+def run_loop(workdir, idx_dir, after_step=None, **overrides):
+  """The loop through the command's error handling: returns the exit status."""
+  config = make_config(idx_dir, **overrides)
+  return cli.run_command(lambda: train.train_and_evaluate(
+      config, workdir, model=model_for(config), after_step=after_step) and 0)
+
+
+def target_for(config):
+  model = model_for(config)
+  return state_lib.create_train_state(config, SPEC, model, state_lib.create_optimizer(config))
+
+
+def final_state(workdir, target):
+  state, _, step = checkpoint.restore_from_workdir(workdir, target)
   return state, step
 
 
@@ -63,8 +74,7 @@ def file_list(folder):
 def reference(tmp_path_factory, idx_dir):
   """One uninterrupted run, shared by several tests (do not modify: copy it)."""
   workdir = tmp_path_factory.mktemp('reference')
-  result = run_train(workdir, idx_dir)
-  assert result.returncode == 0, result.stderr[-3000:]
+  assert run_loop(workdir, idx_dir) == 0
   return workdir
 
 
@@ -76,9 +86,25 @@ def reference_copy(reference, tmp_path):
 
 @pytest.fixture(scope='module')
 def target(idx_dir):
-  config = make_config(idx_dir)
-  return train.create_train_state(config, (28, 28, 1), train.make_model(config),
-                                  train.make_optimizer(config))
+  return target_for(make_config(idx_dir))
+
+
+KILL_CHILD = '''
+import os, signal, sys, time
+from pathlib import Path
+sys.path[:0] = [{repo!r}, {tests!r}]
+import test_checkpoint as tc
+workdir = Path({workdir!r})
+
+def kill_after_10(step):
+  if step == 10:  # a crash at a known point: once checkpoint 8 is committed
+    deadline = time.monotonic() + 120
+    while not (workdir / 'checkpoints' / '8').is_dir() and time.monotonic() < deadline:
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+tc.run_loop(workdir, Path({idx!r}), after_step=kill_after_10)
+'''
 
 
 def test_reference_run_keeps_newest_checkpoints(reference):
@@ -88,17 +114,19 @@ def test_reference_run_keeps_newest_checkpoints(reference):
   assert json.loads((reference / 'config.json').read_text())['checkpoint_every_steps'] == 4
 
 
-def test_resume_after_sigkill_is_exact(reference, idx_dir, tmp_path):
+def test_resume_after_sigkill_is_exact(reference, idx_dir, tmp_path, capsys):
   workdir = tmp_path / 'killed'
   # Killed right after step 10 (epoch 2, step 4 of 6); the newest checkpoint is step 8.
-  killed = run_train(workdir, idx_dir, {'GNET_JAX_TEST_SIGNAL': '10:KILL'})
+  killed = subprocess.run([sys.executable, '-c', KILL_CHILD.format(
+      repo=str(REPO), tests=str(REPO / 'tests'), workdir=str(workdir), idx=str(idx_dir))],
+      capture_output=True, text=True, timeout=300)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   assert [row['epoch'] for row in history(workdir)] == [1]
-  resumed = run_train(workdir, idx_dir)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert 'resuming from the checkpoint at step 8 (epoch 2, step 2 of 6)' in resumed.stdout
-  state, step = final_state(workdir)
-  expected, expected_step = final_state(reference)
+  assert run_loop(workdir, idx_dir) == 0
+  assert 'resuming from the checkpoint at step 8 (epoch 2, step 2 of 6)' in capsys.readouterr().out
+  target = target_for(make_config(idx_dir))
+  state, step = final_state(workdir, target)
+  expected, expected_step = final_state(reference, target)
   assert step == expected_step == 12
   chex.assert_trees_all_equal(state, expected)  # params, optimizer, rng, metric sums: bitwise
   assert history(workdir) == history(reference)
@@ -108,18 +136,19 @@ def test_finished_run_rerun_does_nothing(reference_copy, idx_dir, capsys):
   before = {p: p.read_bytes() for p in (reference_copy / 'metrics.jsonl',
                                         reference_copy / 'config.json')}
   listing = file_list(reference_copy)
-  summary = train.train_and_evaluate(make_config(idx_dir), reference_copy)
+  config = make_config(idx_dir)
+  summary = train.train_and_evaluate(config, reference_copy, model=model_for(config))
   assert 'nothing to do' in capsys.readouterr().out
   assert summary['epoch'] == 2
   assert {p: p.read_bytes() for p in before} == before
   assert file_list(reference_copy) == listing
 
 
-@pytest.mark.parametrize('key,value', [('image_size', 32), ('aux_weight', 0.0),
+@pytest.mark.parametrize('key,value', [('image_size', 32), ('learning_rate', 0.5),
                                        ('dataset', 'mnist')])
 def test_config_mismatch_is_refused(reference_copy, idx_dir, capsys, key, value):
   config_json = (reference_copy / 'config.json').read_text()
-  code = cli.run(make_config(idx_dir, **{key: value}), str(reference_copy))
+  code = run_loop(reference_copy, idx_dir, **{key: value})
   err = capsys.readouterr().err
   assert code == 2
   assert err.startswith('error: ') and key in err and 'different config' in err, err
@@ -193,7 +222,7 @@ def test_no_readable_checkpoint_is_a_clear_error(reference_copy, idx_dir, capsys
     for p in (folder / step).rglob('manifest.ocdbt'):
       p.unlink()
   listing = file_list(reference_copy)
-  code = cli.run(make_config(idx_dir), str(reference_copy))
+  code = run_loop(reference_copy, idx_dir)
   err = capsys.readouterr().err
   assert code == 2
   assert 'error: no readable checkpoint' in err and 'nothing was deleted' in err, err
@@ -207,36 +236,37 @@ def test_no_readable_checkpoint_is_a_clear_error(reference_copy, idx_dir, capsys
 def pmap_run(tmp_path_factory, idx_dir):
   """One epoch under pmap on 4 CPU devices, stopped by SIGTERM after step 3, then resumed."""
   workdir = tmp_path_factory.mktemp('pmap')
-  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
-  stopped = run_train(workdir, idx_dir, {**env, 'GNET_JAX_TEST_SIGNAL': '3:TERM'},
-                      parallelism='pmap', num_epochs=1)
-  resumed = run_train(workdir, idx_dir, env, parallelism='pmap', num_epochs=1)
-  return workdir, stopped, resumed
+  config = make_config(idx_dir, parallelism='pmap', num_devices=4, num_epochs=1)
+  sigterm_at_3 = lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM)
+  with pytest.raises(preemption.Interrupted) as stopped:
+    train.train_and_evaluate(config, workdir, model=model_for(config), after_step=sigterm_at_3)
+  train.train_and_evaluate(config, workdir, model=model_for(config))
+  return workdir, stopped.value
 
 
 def test_sigterm_saves_and_resumes(pmap_run):
-  workdir, stopped, resumed = pmap_run
-  assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
-  assert 'SIGTERM received' in stopped.stderr
-  assert 'stopped by SIGTERM at step 3 (epoch 1, step 3 of 6)' in stopped.stderr
-  assert 'rerun the same command to resume' in stopped.stderr
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert 'resuming from the checkpoint at step 3 (epoch 1, step 3 of 6)' in resumed.stdout
-  assert 'pmap on 4 x' in resumed.stdout
+  workdir, stopped = pmap_run
+  assert stopped.exit_code == 128 + signal.SIGTERM
+  assert 'stopped by SIGTERM at step 3 (epoch 1, step 3 of 6)' in str(stopped)
+  assert 'rerun the same command to resume' in str(stopped)
   assert [row['epoch'] for row in history(workdir)] == [1]
   assert (workdir / 'checkpoints' / '3').is_dir() and (workdir / 'checkpoints' / '6').is_dir()
 
 
-def test_pmap_checkpoint_evaluates_on_one_device(pmap_run, capsys):
-  workdir, _, _ = pmap_run
-  assert evaluate.main(['--workdir', str(workdir)]) == 0
-  out = capsys.readouterr().out
+def test_pmap_checkpoint_evaluates_on_one_device(pmap_run, idx_dir):
+  workdir, _ = pmap_run
+  config = make_config(idx_dir)
+  state, step = final_state(workdir, target_for(config))
+  runner = parallel.make_runner(config)
+  data = input_pipeline.load_dataset('fashion_mnist', 'idx', str(idx_dir), 0, -1)
+  result = train.evaluate(runner, train.compile_eval(runner, model_for(config), 28, 10),
+                          runner.put_state(state.params), data.test_images, data.test_labels, 8)
   (row,) = history(workdir)
-  assert 'checkpoint: step 6' in out
-  assert f'test accuracy {row["test_acc"]:.4f}, test loss {row["test_loss"]:.4f} over 40 ' in out
-  assert 'confusion matrix' in out and 'T-shirt/top' in out
-  png = workdir / 'confusion.png'
-  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert step == 6 and result['count'] == 40
+  np.testing.assert_allclose(result['accuracy'], row['test_acc'])
+  np.testing.assert_allclose(result['loss'], row['test_loss'], rtol=1e-5)
+  assert result['confusion'].sum() == 40 and np.trace(result['confusion']) == round(
+      40 * row['test_acc'])
 
 
 def test_evaluate_step_and_errors(reference, capsys, tmp_path):
@@ -247,8 +277,8 @@ def test_evaluate_step_and_errors(reference, capsys, tmp_path):
   assert 'error: no checkpoints in' in capsys.readouterr().err
 
 
-def test_single_device_checkpoint_places_under_pmap(reference, idx_dir):
-  state, _, step = checkpoint.restore_latest(reference)
+def test_single_device_checkpoint_places_under_pmap(reference, target, idx_dir):
+  state, step = final_state(reference, target)
   runner = parallel.make_runner(make_config(idx_dir, parallelism='pmap'))
   placed = runner.put_state(state)
   leaves = jax.tree.leaves(placed)
@@ -261,21 +291,34 @@ def test_save_state_writes_a_resumable_step0_checkpoint(target, idx_dir, tmp_pat
   folder = checkpoint.save_state(tmp_path / 'imported', target, config)
   assert folder == checkpoint.checkpoint_dir(tmp_path / 'imported') / '0'
   assert json.loads((tmp_path / 'imported' / 'config.json').read_text())['image_size'] == 28
-  state, saved_config, step = checkpoint.restore_latest(tmp_path / 'imported')
+  state, saved_config, step = checkpoint.restore_from_workdir(tmp_path / 'imported', target)
   assert step == 0 and saved_config.aux_weight == config.aux_weight
   chex.assert_trees_all_equal(state, checkpoint.host_tree(target))
   with pytest.raises(checkpoint.CheckpointError, match='already holds checkpoints'):
     checkpoint.save_state(tmp_path / 'imported', target, config)
 
 
-def test_nan_loss_stops_with_a_clear_error_and_saves_nothing(target, idx_dir, tmp_path):
+def test_nan_loss_stops_with_a_clear_error_and_saves_nothing(target, idx_dir, tmp_path, capsys):
   # NaN weights imported through save_state (the interop path) make step 1's loss NaN.
   workdir = tmp_path / 'nan'
   poisoned = target.replace(params=jax.tree.map(lambda x: np.full_like(x, np.nan), target.params))
   checkpoint.save_state(workdir, poisoned, make_config(idx_dir))
-  result = run_train(workdir, idx_dir)
-  assert result.returncode == 2, result.stderr[-3000:]
+  assert run_loop(workdir, idx_dir) == 2
+  err = capsys.readouterr().err
   assert 'error: the training loss became NaN or inf at step 1 (epoch 1); stopped without ' \
-         'saving; the last good checkpoint is step 0' in result.stderr, result.stderr[-3000:]
-  assert 'Traceback' not in result.stderr
+         'saving; the last good checkpoint is step 0' in err, err
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['0']
+
+
+def test_damaged_checkpoint_is_moved_aside_when_its_step_is_saved_again(reference_copy, idx_dir,
+                                                                         capsys):
+  """Resume from 8 past a damaged 12; saving 12 again moves the damaged one aside, deletes nothing."""
+  DAMAGE['zeroed_files'](reference_copy / 'checkpoints' / '12')
+  damaged_files = file_list(reference_copy / 'checkpoints' / '12')
+  assert run_loop(reference_copy, idx_dir) == 0
+  err = capsys.readouterr().err
+  assert 'moved the unreadable checkpoint at step 12' in err, err
+  moved = reference_copy / 'damaged_checkpoints' / '12'
+  assert file_list(moved) == damaged_files
+  target = target_for(make_config(idx_dir))
+  assert final_state(reference_copy, target)[1] == 12
