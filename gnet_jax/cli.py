@@ -45,11 +45,12 @@ def parse_config_flags(argv: list[str], flag_values: flags.FlagValues) -> list[s
     if '--config.' not in str(e):
       raise
     raise ConfigError(f'{e}; {CONFIG_HINT}') from None
-  if 'config' in flag_values:
+  if 'config' in flag_values and flag_values['config'].value is not None:
     try:
       flag_values.config.keys()  # raises the deferred load error, if any
-    except AttributeError:
-      pass  # no --config given and no default: the command says what it needs
+    except (AttributeError, KeyError) as e:  # an override of an unknown key, applied lazily
+      raise ConfigError(f'unknown config key {str(e).strip(chr(34) + chr(39))}; '
+                        f'{CONFIG_HINT}') from None
     except (OSError, ImportError, SyntaxError) as e:
       path = config_flags.get_config_filename(flag_values['config'])
       reason = 'no such file' if not os.path.isfile(path) else ' '.join(str(e).split())

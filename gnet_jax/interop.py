@@ -475,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
       flags.DEFINE_integer('step', None, 'export: the checkpoint step (default: newest).',
                            flag_values=fv)
       args = cli.parse_config_flags(argv, fv)[1:]
+  except (AttributeError, KeyError) as e:  # the default config loads, overrides applied, above
+    print(f'error: unknown config key {str(e).strip(chr(34) + chr(39))}; {cli.CONFIG_HINT}',
+          file=sys.stderr)
+    return 2
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

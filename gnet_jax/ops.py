@@ -110,7 +110,7 @@ def max_pool_3x3(x: jax.Array, stride: int, kernels: str = 'auto') -> jax.Array:
   """3x3 max-pool with padding 1 (never chosen), as ``nn.MaxPool2d(3, stride, padding=1)``."""
   if resolve(kernels) == 'custom':
     return _max_pool_3x3_custom(x, stride)
-  return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, 3, 3, 1),
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1),
                                (1, stride, stride, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 

@@ -23,7 +23,7 @@ F = torch.nn.functional
 
 import torch_reference  # noqa: E402
 from conftest import REPO  # noqa: E402
-from gnet_jax import interop, models, train  # noqa: E402
+from gnet_jax import input_pipeline, interop, models, state as state_lib, train  # noqa: E402
 
 # Measured maxima are printed with ``pytest -s``; the bounds leave ~10x headroom.
 LOGITS_ATOL = 1e-4  # the bound for the whole network
@@ -196,8 +196,9 @@ def one_step(batch):
   config = load_default_config()
   config.image_size, config.learning_rate, config.momentum = SIZE, 0.1, 0.0
   model = models.GoogLeNet(num_classes=10)
-  tx = optax.chain(capture_gradients(), train.make_optimizer(config))
-  state = train.create_train_state(config, (SIZE, SIZE, 1), model, tx)
+  tx = optax.chain(capture_gradients(), state_lib.create_optimizer(config))
+  state = state_lib.create_train_state(config, input_pipeline.dataset_spec('fashion_mnist'),
+                                       model, tx)
   state = state.replace(params=start, opt_state=tx.init(start))
 
   def step(state, batch):

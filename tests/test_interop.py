@@ -14,7 +14,8 @@ torch = pytest.importorskip('torch')
 
 import torch_reference  # noqa: E402
 from conftest import REPO, make_images  # noqa: E402
-from gnet_jax import interop, models  # noqa: E402
+from gnet_jax import interop, models, state as state_lib  # noqa: E402
+from gnet_jax.errors import DependencyError  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -79,7 +80,7 @@ def test_params_to_torch_loads_into_the_reference(state_dict):
 
 def test_aux_heads_are_kept_fresh_on_import_and_dropped_on_export(state_dict):
   imported = interop.params_from_torch(state_dict)
-  fresh = models.init_params(models.GoogLeNet(num_classes=10, aux_heads=True), 0, (28, 28, 1))
+  fresh = state_lib.init_params(models.GoogLeNet(num_classes=10, aux_heads=True), 0, (28, 28, 1))
   merged = interop.merge_params(imported, fresh)
   assert set(merged) == set(imported) | {'aux1', 'aux2'}
   assert merged['aux1'] is fresh['aux1']
@@ -93,9 +94,9 @@ def test_no_torch_needed_for_numpy(state_dict, monkeypatch):
   monkeypatch.setitem(sys.modules, 'torch', None)  # `import torch` now fails
   params = interop.params_from_torch(numpy_sd)
   assert list(interop.params_to_torch(params, numpy=True)) == list(numpy_sd)
-  with pytest.raises(ImportError, match=r'gnet-jax\[interop\]'):
+  with pytest.raises(DependencyError, match=r'gnet-jax\[interop\]'):
     interop.params_to_torch(params)
-  with pytest.raises(ImportError, match=r'pip install'):
+  with pytest.raises(DependencyError, match=r'pip install'):
     interop.load_torch_file('model.pt')
 
 
@@ -201,7 +202,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_import_evaluate_export_round_trip(net, state_dict, idx_dir, tmp_path, capsys):
-  from gnet_jax import checkpoint, evaluate, train
+  from gnet_jax import evaluate, state as state_lib
 
   torch.save(state_dict, tmp_path / 'model.pt')
   workdir = tmp_path / 'run'
@@ -214,11 +215,10 @@ def test_cli_import_evaluate_export_round_trip(net, state_dict, idx_dir, tmp_pat
   assert (workdir / 'config.json').is_file()
 
   # train.py resumes from it: the checkpoint fits the state it builds, under the same config.
-  state, config, step = checkpoint.restore_latest(workdir)
+  state, config, step = state_lib.load_checkpoint(workdir)
   assert step == 0 and int(state.step) == 0
   assert config.dataset == 'fashion_mnist' and config.image_size == 28
-  target = train.create_train_state(config, (28, 28, 1), train.make_model(config),
-                                    train.make_optimizer(config))
+  target = state_lib.build(config)[2]
   assert jax.tree.structure(target) == jax.tree.structure(state)
 
   # gnet_jax.evaluate scores it like PyTorch does.
