@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gnet_jax import checkpoint, parallel, train  # noqa: E402
+from gnet_jax import checkpoint, parallel, state as state_lib  # noqa: E402
 
 
 def load_config(path: str):
@@ -39,8 +39,7 @@ def main() -> None:
   config.parallelism = 'none'
   runner = parallel.make_runner(config)
   size = config.image_size
-  host = train.create_train_state(config, (size, size, 1), train.make_model(config),
-                                  train.make_optimizer(config))
+  host = state_lib.build(config)[2]
   # Optimizer moments start at zero, which compresses away on disk; a trained run's do not.
   rng = np.random.default_rng(0)
   host = host.replace(opt_state=jax.tree.map(

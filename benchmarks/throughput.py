@@ -34,18 +34,25 @@ sys.path.insert(0, str(REPO / 'benchmarks'))
 
 import flops  # noqa: E402
 
-# name -> environment tweaks. 'gnet-jax' is what `train.py` runs with (its
-# per-platform defaults from gnet_jax.platform); 'gnet-jax, XLA defaults' opts out.
+# name -> environment tweaks. 'gnet-jax' is what `train.py` runs with (kernels=auto and
+# the per-platform defaults of gnet_jax.xla_flags); the others change one thing.
 JAX_VARIANTS = {
     'gnet-jax': {},
-    'gnet-jax, XLA defaults': {'GNET_JAX_XLA_DEFAULTS': '0'},
+    'gnet-jax kernels=xla': {'GNET_BENCH_KERNELS': 'xla'},
+    'gnet-jax kernels=custom': {'GNET_BENCH_KERNELS': 'custom'},
+    'gnet-jax XLA defaults': {'GNET_JAX_XLA_DEFAULTS': '0'},
     # glibc malloc without mmap for big blocks (no page faults on each step's
     # fresh temporaries); these are read at process start, so only a launcher
     # can set them. Opt-in: --jax-variants 'gnet-jax,gnet-jax + malloc env'.
     'gnet-jax + malloc env': {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': '68719476736'},
 }
-DEFAULT_CPU_VARIANTS = ('gnet-jax', 'gnet-jax, XLA defaults')
-TORCH = 'PyTorch original'
+DEFAULT_CPU_VARIANTS = ('gnet-jax', 'gnet-jax kernels=xla')
+DEFAULT_ACCEL_VARIANTS = ('gnet-jax', 'gnet-jax kernels=custom')
+# The PyTorch original in both memory layouts: contiguous NCHW as its DataLoader
+# delivers (the seed as written), and channels_last (PyTorch's faster CPU path).
+# Ratios are against the faster of the two.
+TORCH_VARIANTS = {'PyTorch NCHW (as written)': {'GNET_BENCH_TORCH_LAYOUT': 'nchw'},
+                  'PyTorch channels_last': {'GNET_BENCH_TORCH_LAYOUT': 'channels_last'}}
 
 
 # ----------------------------------------------------------------------------- workers
@@ -79,15 +86,16 @@ def jax_worker(args) -> None:
   import numpy as np
   import optax
 
-  from gnet_jax import models, train
+  from gnet_jax import input_pipeline, models, state as state_lib, train
 
   t0 = time.perf_counter()
   device = jax.devices()[0]
-  model = models.GoogLeNet()
+  model = models.GoogLeNet(kernels=os.environ.get('GNET_BENCH_KERNELS', 'auto'))
   tx = optax.sgd(0.1)
   config = ml_collections.ConfigDict({'image_size': args.size, 'seed': 0})
-  state = jax.device_put(train.create_train_state(config, (args.size, args.size, 1), model, tx),
-                         device)
+  config.bias_init = 'zeros'
+  state = jax.device_put(state_lib.create_train_state(
+      config, input_pipeline.dataset_spec('fashion_mnist'), model, tx), device)
   images, labels = _random_batch(args.batch, args.size)
   batch = jax.device_put({'image': images, 'label': labels}, device)
   eval_batch = jax.device_put({'image': images, 'label': labels,
@@ -135,10 +143,13 @@ def torch_worker(args) -> None:
   t0 = time.perf_counter()
   device = torch.device(args.torch_device)
   torch.manual_seed(0)
-  net = googlenet().to(device)
+  layout = os.environ.get('GNET_BENCH_TORCH_LAYOUT', 'nchw')
+  memory_format = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
+  net = googlenet().to(device, memory_format=memory_format)
   optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
   images, labels = _random_batch(args.batch, args.size)
-  x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).contiguous().to(device)
+  x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(
+      device, memory_format=memory_format).contiguous(memory_format=memory_format)
   y = torch.from_numpy(labels).long().to(device)
   init_s = time.perf_counter() - t0
   sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
@@ -261,17 +272,33 @@ def bench_size(args, size: int, variants: list[str], use_torch: bool) -> dict:
   for name in variants:
     workers.append(Worker(name, 'jax', args, JAX_VARIANTS[name]))
   if use_torch:
-    workers.append(Worker(TORCH, 'torch', args, {}))
+    workers += [Worker(name, 'torch', args, env) for name, env in TORCH_VARIANTS.items()]
   result = {'size': size, 'batch': args.batch, 'steps': args.steps, 'tasks': {}}
+  round_ratios: dict[str, dict[str, list[float]]] = {}
   for task in args.tasks:
     for w in workers:  # warm-up, untimed after the first step
       t = time.perf_counter()
       w.run(task, 1)
       w.first[task] = time.perf_counter() - t
       w.run(task, max(args.warmup - 1, 0))
-    for _ in range(args.steps):  # interleaved: one step of each in turn
+    # Rounds of interleaved steps (one step of each worker in turn), until the ratios'
+    # spread over rounds is within --spread or the time budget is spent.
+    deadline = time.monotonic() + args.budget_s
+    ratios = round_ratios.setdefault(task, {w.name: [] for w in workers})
+    for round_index in range(args.max_rounds):
+      start = {w.name: len(w.times[task]) for w in workers}
+      for _ in range(args.steps):
+        for w in workers:
+          w.times[task] += w.run(task, 1)
+      medians = {w.name: statistics.median(w.times[task][start[w.name]:]) for w in workers}
+      torch_times = [medians[name] for name in TORCH_VARIANTS if name in medians]
       for w in workers:
-        w.times[task] += w.run(task, 1)
+        if torch_times:
+          ratios[w.name].append(min(torch_times) / medians[w.name])
+      spreads = [(max(r) - min(r)) / statistics.median(r) for r in ratios.values() if r]
+      if round_index + 1 >= args.min_rounds and (
+          not spreads or max(spreads) <= args.spread or time.monotonic() > deadline):
+        break
   for w in workers:
     end = w.finish()
     entry = {'compile_s': w.info.get('compile_s'), 'init_s': w.info['init_s'],
@@ -285,9 +312,11 @@ def bench_size(args, size: int, variants: list[str], use_torch: bool) -> dict:
       stats['gflops'] = stats['median'] * per_image / 1e9
       result['tasks'].setdefault(task, {})[w.name] = {**stats, **entry}
   for task, rows in result['tasks'].items():
-    ref = rows.get(TORCH)
-    for row in rows.values():
-      row['vs_torch'] = row['median'] / ref['median'] if ref else None
+    for name, row in rows.items():
+      r = round_ratios[task][name]
+      row['vs_torch'] = statistics.median(r) if r else None
+      row['vs_torch_range'] = (min(r), max(r)) if r else None
+      row['rounds'] = len(r)
   result['_infos'] = {w.name: w.info for w in workers}
   return result
 
@@ -302,14 +331,16 @@ def format_table(results: list[dict], machine: dict) -> str:
       f"load average (1 min) before / after: {machine['load_before']:.2f} / "
       f"{machine['load_after']:.2f}",
       '',
-      '| size | task | framework | img/s median | min-max | vs PyTorch | GFLOP/s | '
+      '| size | task | framework | img/s median | min-max | vs faster PyTorch | GFLOP/s | '
       'compile s | first step s | peak memory |',
       '|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in results:
     for task, rows in r['tasks'].items():
       for name, s in rows.items():
-        ratio = f"{s['vs_torch']:.2f}x" if s['vs_torch'] is not None else '-'
+        ratio = (f"{s['vs_torch']:.2f}x ({s['vs_torch_range'][0]:.2f}-"
+                 f"{s['vs_torch_range'][1]:.2f}, {s['rounds']} rounds)"
+                 if s['vs_torch'] is not None else '-')
         compile_s = f"{s['compile_s']:.1f}" if s['compile_s'] is not None else '-'
         mem = s['device_peak_bytes'] or s['peak_rss_bytes']
         kind = 'device' if s['device_peak_bytes'] else 'RSS'
@@ -322,7 +353,9 @@ def format_table(results: list[dict], machine: dict) -> str:
     flags = '; '.join(f"{n}: '{i['xla_flags']}'" for n, i in results[0]['_infos'].items()
                       if 'xla_flags' in i)
     lines.append(f"batch {results[0]['batch']}, float32, {results[0]['steps']} timed steps "
-                 'each after warm-up, interleaved across frameworks; GFLOP/s from the analytic '
+                 'per round after warm-up, interleaved across frameworks; vs faster PyTorch: '
+                 'median over rounds of the per-round ratio to the faster PyTorch layout, '
+                 'with its range; GFLOP/s from the analytic '
                  'count (benchmarks/flops.py); compile s: XLA compile of the train and eval '
                  'steps; peak memory: the worker process (CPU) or device allocator peak.')
     lines.append(f'XLA_FLAGS seen by the gnet-jax workers: {flags}')
@@ -334,12 +367,20 @@ def main(argv: list[str] | None = None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--sizes', default='28,96', help='comma-separated image sizes (e.g. 224)')
   parser.add_argument('--batch', type=int, default=128)
-  parser.add_argument('--steps', type=int, default=10, help='timed steps per framework and task')
+  parser.add_argument('--steps', type=int, default=10,
+                      help='timed steps per framework, task and round')
+  parser.add_argument('--min-rounds', type=int, default=3, help='rounds at least')
+  parser.add_argument('--max-rounds', type=int, default=8, help='rounds at most')
+  parser.add_argument('--spread', type=float, default=0.1,
+                      help='stop once every ratio varies by at most this much over rounds')
+  parser.add_argument('--budget-s', type=float, default=900,
+                      help='stop adding rounds for a task after this many seconds')
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps first (>= 1)')
   parser.add_argument('--tasks', default='train,eval', help="'train', 'eval' or both")
   parser.add_argument('--jax-variants', default=None,
                       help='comma-separated from: ' + ', '.join(JAX_VARIANTS) +
-                      f" (default: {', '.join(DEFAULT_CPU_VARIANTS)} on CPU, 'gnet-jax' elsewhere)")
+                      f" (default: {', '.join(DEFAULT_CPU_VARIANTS)} on CPU, "
+                      f"{', '.join(DEFAULT_ACCEL_VARIANTS)} elsewhere)")
   parser.add_argument('--no-torch', action='store_true', help='leave the PyTorch column out')
   parser.add_argument('--json', help='also write the results to this file')
   parser.add_argument('--worker', choices=('jax', 'torch'), help=argparse.SUPPRESS)
@@ -358,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
   args.warmup = max(args.warmup, 1)
   platform = jax_platform()
   if args.jax_variants is None:
-    variants = list(DEFAULT_CPU_VARIANTS) if platform == 'cpu' else ['gnet-jax']
+    variants = list(DEFAULT_CPU_VARIANTS if platform == 'cpu' else DEFAULT_ACCEL_VARIANTS)
   else:
     variants = [v.strip() for v in args.jax_variants.split(',') if v.strip()]
     unknown = set(variants) - set(JAX_VARIANTS)
@@ -371,11 +412,19 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
 
   load_before = os.getloadavg()[0]
+  if load_before >= 1.0:
+    print(f'warning: 1-minute load is {load_before:.2f} before the run: the machine is busy, '
+          'and PyTorch suffers more from load than XLA; ratios will flatter gnet-jax. Rerun '
+          'on a quiet machine (load < 1, nothing else running).', file=sys.stderr)
   results = [bench_size(args, int(s), variants, torch_device is not None)
              for s in args.sizes.split(',') if s]
   first = results[0]['_infos']
-  machine = machine_info(first.get(variants[0]) if variants else None, first.get(TORCH))
+  torch_info = next((first[n] for n in TORCH_VARIANTS if n in first), None)
+  machine = machine_info(first.get(variants[0]) if variants else None, torch_info)
   machine.update(platform=platform, load_before=load_before, load_after=os.getloadavg()[0])
+  if machine['load_after'] >= 1.5:
+    print(f"warning: 1-minute load {machine['load_after']:.2f} at the end (the benchmark's own "
+          'workers count too; above ~1.5 on 2 cores something else ran)', file=sys.stderr)
   print(format_table(results, machine))
   if args.json:
     Path(args.json).write_text(json.dumps({'machine': machine, 'results': results}, indent=2)

@@ -18,7 +18,8 @@ def test_throughput_script_runs_one_tiny_step_and_prints_table(tmp_path):
   out = tmp_path / 'result.json'
   cmd = [sys.executable, str(REPO / 'benchmarks' / 'throughput.py'), '--sizes', '16',
          '--batch', '2', '--steps', '1', '--warmup', '1', '--tasks', 'train',
-         '--jax-variants', 'gnet-jax', '--json', str(out)]
+         '--min-rounds', '2', '--max-rounds', '2',
+         '--jax-variants', 'gnet-jax,gnet-jax kernels=xla', '--json', str(out)]
   if not HAS_TORCH:
     cmd.append('--no-torch')
   # Workers inherit conftest's persistent compilation cache through the environment.
@@ -28,7 +29,13 @@ def test_throughput_script_runs_one_tiny_step_and_prints_table(tmp_path):
   assert '| size | task | framework | img/s median |' in table
   assert '| 16 | train | gnet-jax |' in table
   assert 'machine:' in table and 'versions:' in table
-  if HAS_TORCH:
-    assert '| 16 | train | PyTorch original |' in table
+  assert '| 16 | train | gnet-jax kernels=xla |' in table
+  assert 'load average (1 min) before / after' in table
   rows = json.loads(out.read_text())['results'][0]['tasks']['train']
-  assert rows['gnet-jax']['steps'] == 1 and rows['gnet-jax']['median'] > 0
+  assert rows['gnet-jax']['steps'] == 2 and rows['gnet-jax']['median'] > 0
+  if HAS_TORCH:
+    assert '| 16 | train | PyTorch NCHW (as written) |' in table
+    assert '| 16 | train | PyTorch channels_last |' in table
+    assert rows['gnet-jax']['rounds'] == 2 and 'x (' in table
+    low, high = rows['gnet-jax']['vs_torch_range']
+    assert low <= rows['gnet-jax']['vs_torch'] <= high
