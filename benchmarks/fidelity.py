@@ -1,0 +1,596 @@
+"""gnet-jax and the PyTorch original trained side by side, step by step.
+
+    python benchmarks/fidelity.py --image_size 28 --epochs 1 --out runs/fidelity_28
+    python benchmarks/fidelity.py --config configs/fashion_mnist.py --steps 200 --out DIR
+    python benchmarks/fidelity.py --config configs/quickstart.py --config.learning_rate=0.01 ...
+
+Both networks start from the **same weights** (gnet-jax's initial parameters,
+converted with ``gnet_jax.interop.params_to_torch`` and loaded into the d2l
+PyTorch GoogLeNet of ``tests/torch_reference.py``) and see the **same batches
+in the same order** (``gnet_jax.input_pipeline.train_batches``, the order
+``train.py`` uses). Each uint8 batch is turned into float32 pixels once, by
+gnet-jax's own ``train.preprocess`` (jitted), and PyTorch gets that very array
+in NCHW, so the inputs are bitwise equal. gnet-jax trains with the real
+``train.train_step``; PyTorch with ``torch.optim.SGD`` (or ``Adam``, mirroring
+the config) and ``nn.CrossEntropyLoss()``.
+
+Per logging interval it prints both training losses and their relative
+difference |jax - torch| / |torch| (and how far apart the parameters are); at
+each epoch end both test accuracies. ``--out`` receives ``fidelity.json``
+(every step's two losses, the epoch-end evaluations, the first step at which
+the relative loss difference exceeds 1e-4, 1e-2 and 10%) and ``fidelity.png``
+(the two loss curves overlaid; their relative difference on a log axis).
+
+Recipe: the config's (default ``configs/fashion_mnist.py``: the d2l reference,
+plain SGD lr 0.1, batch 128, no momentum, no auxiliary heads). SGD with
+momentum/Nesterov and Adam are mirrored in PyTorch; auxiliary heads
+(``aux_weight > 0``) and bfloat16 are refused, the original has neither.
+
+Device: CPU by default; where JAX runs on a GPU and PyTorch sees CUDA, PyTorch
+runs on the GPU too. Both compute in full float32 (no TF32) so that the
+comparison measures the frameworks, not a reduced-precision mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / 'tests'))  # torch_reference.py lives with the tests
+
+warnings.filterwarnings('ignore', message='.*load_module.*', category=DeprecationWarning)
+
+THRESHOLDS = (1e-4, 1e-2, 1e-1)
+TORCH_HINT = 'pip install torch==2.13.0'
+
+
+class UsageError(Exception):
+  """Bad input: printed as one ``error: ...`` line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def apply_xla_defaults() -> None:
+  """gnet-jax's per-platform XLA flags, as train.py sets them (before JAX starts)."""
+  try:
+    from gnet_jax import xla_flags
+  except ImportError:  # older layout
+    from gnet_jax import platform as xla_flags  # type: ignore
+  xla_flags.apply_defaults()
+
+
+def import_torch():
+  try:
+    import torch
+  except ImportError as e:
+    raise UsageError(f'PyTorch is needed for the comparison and is not importable ({e}); '
+                     f'{TORCH_HINT}') from None
+  return torch
+
+
+def _coerce(key: str, old, text: str):
+  if isinstance(old, bool):
+    if text.lower() in ('1', 'true', 'yes', 'on'):
+      return True
+    if text.lower() in ('0', 'false', 'no', 'off'):
+      return False
+    raise UsageError(f'--config.{key}={text}: expected true or false')
+  for kind in (int, float):
+    if isinstance(old, kind):
+      try:
+        return kind(text)
+      except ValueError:
+        raise UsageError(f'--config.{key}={text}: expected {kind.__name__}') from None
+  return text
+
+
+def load_config(path: str, overrides: list[str]):
+  """The config of ``path`` (a configs/*.py file) with ``--config.KEY=VALUE`` overrides applied."""
+  file = Path(path)
+  if not file.is_file():
+    raise UsageError(f'config file {path} does not exist; pass e.g. --config '
+                     'configs/fashion_mnist.py')
+  spec = importlib.util.spec_from_file_location(f'fidelity_config_{file.stem}', file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for item in overrides:
+    if not item.startswith('--config.') or '=' not in item:
+      raise UsageError(f'unexpected argument {item!r}; overrides look like --config.KEY=VALUE')
+    key, text = item[len('--config.'):].split('=', 1)
+    if key not in config:
+      raise UsageError(f'--config.{key}: no such config key (see configs/default.py)')
+    config[key] = _coerce(key, config[key], text)
+  return config
+
+
+def check_recipe(config) -> None:
+  """Refuses what the PyTorch reference cannot mirror, naming it."""
+  unsupported = []
+  if float(config.get('aux_weight', 0.0)) > 0:
+    unsupported.append(f'aux_weight={config.aux_weight} (auxiliary heads: the d2l original '
+                       'has none)')
+  if config.get('dtype', 'float32') != 'float32':
+    unsupported.append(f'dtype={config.dtype} (the comparison is in float32)')
+  if config.get('optimizer', 'sgd') not in ('sgd', 'adam'):
+    unsupported.append(f'optimizer={config.optimizer}')
+  if unsupported:
+    raise UsageError('not supported by the side-by-side comparison: ' + '; '.join(unsupported) +
+                     ' (set --config.aux_weight=0 / --config.dtype=float32)')
+
+
+def torch_optimizer(torch, config, parameters):
+  """The PyTorch twin of ``state.create_optimizer(config)``."""
+  if config.get('optimizer', 'sgd') == 'adam':
+    return torch.optim.Adam(parameters, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+  return torch.optim.SGD(parameters, lr=config.learning_rate,
+                         momentum=float(config.get('momentum', 0.0) or 0.0),
+                         nesterov=bool(config.get('nesterov', False)))
+
+
+def machine_lines(torch, torch_device: str) -> list[str]:
+  import jax
+  import jaxlib
+  import numpy as np
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
+                 cpu)
+  except OSError:
+    pass
+  devices = jax.devices()
+  lines = [f'machine: {platform.node()}, {cpu}, {os.cpu_count()} cores, {platform.system()} '
+           f'{platform.release()}',
+           f'python {platform.python_version()}, jax {jax.__version__} (jaxlib '
+           f'{jaxlib.__version__}, backend {jax.default_backend()}: {devices[0].device_kind} x'
+           f'{len(devices)}), numpy {np.__version__}',
+           f'torch {torch.__version__} on {torch_device} ({torch.get_num_threads()} threads)']
+  if os.environ.get('XLA_FLAGS'):
+    lines.append(f'XLA_FLAGS={os.environ["XLA_FLAGS"]}')
+  return lines
+
+
+def pick_torch_device(torch) -> str:
+  import jax
+  if jax.default_backend() == 'gpu':
+    if torch.cuda.is_available():
+      return 'cuda'
+    print('warning: JAX runs on a GPU but PyTorch sees no CUDA device; PyTorch runs on the CPU '
+          '(slow). Install a CUDA build of torch, or run JAX on the CPU with JAX_PLATFORMS=cpu',
+          file=sys.stderr)
+  return 'cpu'
+
+
+def setup_torch(torch, device: str) -> None:
+  torch.set_default_dtype(torch.float32)
+  torch.set_num_threads(os.cpu_count() or 1)
+  # Full float32 on both sides: no TF32 for convolutions or matmuls.
+  torch.backends.cuda.matmul.allow_tf32 = False
+  torch.backends.cudnn.allow_tf32 = False
+  if device == 'cuda':
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def load_data(config, data_dir: str | None):
+  from gnet_jax import input_pipeline
+  source = 'idx' if data_dir else config.get('data_source', 'auto')
+  return input_pipeline.load_dataset(config.dataset, source, data_dir or config.get('data_dir')
+                                     or None, config.train_examples, config.eval_examples)
+
+
+def torch_net(torch, params, in_channels: int, num_classes: int, device: str):
+  """The d2l PyTorch GoogLeNet holding exactly ``params`` (gnet-jax's tree)."""
+  import torch_reference
+  from gnet_jax import interop
+  net = torch_reference.googlenet(in_channels, num_classes)
+  state_dict = interop.params_to_torch(params, numpy=True)
+  net.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
+  return net.to(device)
+
+
+@functools.cache
+def jitted_preprocess(image_size: int):
+  import jax
+  from gnet_jax import train
+  return jax.jit(functools.partial(train.preprocess, image_size=image_size))
+
+
+def torch_input(torch, images_uint8, image_size: int, device: str):
+  """gnet-jax's own preprocessing of a uint8 NHWC batch, as an NCHW float32 tensor."""
+  import numpy as np
+  x = np.asarray(jitted_preprocess(image_size)(images_uint8))
+  return torch.from_numpy(np.array(x.transpose(0, 3, 1, 2), order='C')).to(device)
+
+
+def torch_evaluate(torch, net, data, batch_size: int, image_size: int, device: str) -> dict:
+  from gnet_jax import input_pipeline
+  net.eval()
+  correct, count, loss_sum = 0, 0, 0.0
+  with torch.no_grad():
+    for batch in input_pipeline.eval_batches(data.test_images, data.test_labels, batch_size):
+      logits = net(torch_input(torch, batch['image'], image_size, device))
+      labels = torch.from_numpy(batch['label']).long().to(device)
+      mask = torch.from_numpy(batch['mask']).to(device)
+      losses = torch.nn.functional.cross_entropy(logits, labels, reduction='none')
+      loss_sum += float(losses[mask].sum())
+      correct += int(((logits.argmax(-1) == labels) & mask).sum())
+      count += int(mask.sum())
+  net.train()
+  return {'loss': loss_sum / max(count, 1), 'accuracy': correct / max(count, 1), 'count': count}
+
+
+def jax_evaluate(eval_fn, params, data, batch_size: int) -> dict:
+  import jax
+  import numpy as np
+  from gnet_jax import input_pipeline
+  totals = None
+  for batch in input_pipeline.eval_batches(data.test_images, data.test_labels, batch_size):
+    sums = eval_fn(params, batch)
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  totals = jax.tree.map(np.asarray, jax.device_get(totals))
+  count = int(totals['count'])
+  return {'loss': float(totals['loss_sum']) / max(count, 1),
+          'accuracy': float(totals['correct']) / max(count, 1), 'count': count}
+
+
+def relative_difference(a: float, b: float) -> float:
+  return abs(a - b) / max(abs(b), 1e-30)
+
+
+def first_exceeding(rel: list[float], steps: list[int]) -> dict[str, int | None]:
+  out = {}
+  for t in THRESHOLDS:
+    out[f'{t:g}'] = next((s for s, r in zip(steps, rel) if not r <= t), None)  # NaN counts
+  return out
+
+
+# ----------------------------------------------------------------------------- side by side
+
+
+def param_rel_diff(params, net) -> float:
+  """||p_jax - p_torch|| / ||p_torch|| over all parameters (in PyTorch's layout)."""
+  import jax
+  import numpy as np
+  from gnet_jax import interop
+  ours = interop.params_to_torch(jax.device_get(params), numpy=True)
+  theirs = {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
+  num = sum(float(np.sum((ours[k].astype(np.float64) - theirs[k]) ** 2)) for k in theirs)
+  den = sum(float(np.sum(theirs[k].astype(np.float64) ** 2)) for k in theirs)
+  return math.sqrt(num / max(den, 1e-300))
+
+
+CONTROL_FRACTION = 1e-4
+
+
+def nudge_one_ulp(params, seed: int, fraction: float = CONTROL_FRACTION):
+  """``params`` with a random ``fraction`` of the entries moved one float32 ulp up or down.
+
+  With 1e-4 (about 600 of GoogLeNet's 6 million weights) the two copies start
+  ~1e-9 apart (relative 2-norm), as far as gnet-jax and PyTorch are after one step.
+  """
+  import jax
+  import numpy as np
+  rng = np.random.default_rng([seed, 12345])
+
+  def nudge(x):
+    x = np.asarray(x, np.float32)
+    moved = rng.random(x.shape) < fraction
+    up = rng.random(x.shape) < 0.5
+    nudged = np.where(up, np.nextafter(x, np.float32(np.inf)),
+                      np.nextafter(x, np.float32(-np.inf)))
+    return np.where(moved, nudged, x).astype(np.float32)
+  return jax.tree.map(nudge, jax.device_get(params))
+
+
+def torch_param_rel_diff(a, b) -> float:
+  sa, sb = a.state_dict(), b.state_dict()
+  num = sum(float(((sa[k].double() - sb[k].double()) ** 2).sum()) for k in sb)
+  den = sum(float((sb[k].double() ** 2).sum()) for k in sb)
+  return math.sqrt(num / max(den, 1e-300))
+
+
+def side_by_side(args, config, torch) -> dict:
+  import jax
+
+  device = pick_torch_device(torch)
+  setup_torch(torch, device)
+  with jax.default_matmul_precision('float32'):  # no TF32/bf16 passes on accelerators
+    return _side_by_side(args, config, torch, device)
+
+
+def _side_by_side(args, config, torch, device: str) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from gnet_jax import input_pipeline, state as state_lib, train
+
+  header = machine_lines(torch, device)
+  for line in header:
+    print(line)
+
+  data = load_data(config, args.data_dir)
+  n_train = len(data.train_labels)
+  steps_per_epoch = input_pipeline.steps_per_epoch(n_train, config.batch_size)
+  if steps_per_epoch == 0:
+    raise UsageError(f'batch_size {config.batch_size} is larger than the training set '
+                     f'({n_train} examples); lower --config.batch_size or raise --train_examples')
+  total_steps = args.steps if args.steps else args.epochs * steps_per_epoch
+  size, batch_size = config.image_size, config.batch_size
+  print(f'data: {data.source} ({n_train} train, {len(data.test_labels)} test), '
+        f'{size}x{size}, batch {batch_size}, {total_steps} steps ({steps_per_epoch}/epoch)')
+  recipe = (f"{config.get('optimizer', 'sgd')} lr {config.learning_rate}"
+            + (f", momentum {config.momentum}" if config.get('momentum') else '')
+            + (', nesterov' if config.get('nesterov') else '') + f', seed {config.seed}'
+            + f", bias_init {config.get('bias_init', 'zeros')}")
+  print(f'recipe: {recipe}')
+
+  model, tx, host_state = state_lib.build(config)
+  net = torch_net(torch, host_state.params, data.image_shape[-1], model.num_classes, device)
+  optimizer = torch_optimizer(torch, config, net.parameters())
+  criterion = torch.nn.CrossEntropyLoss()
+  control = None
+  if args.control:  # PyTorch against itself, from nearly the same weights
+    control = torch_net(torch, nudge_one_ulp(host_state.params, config.seed), data.image_shape[-1],
+                        model.num_classes, device)
+    control_opt = torch_optimizer(torch, config, control.parameters())
+
+  def step(s, batch):
+    s = s.replace(metrics=jax.tree.map(jnp.zeros_like, s.metrics))  # this step's sums only
+    s = train.train_step(s, batch, model=model, tx=tx, image_size=size)
+    return s, s.metrics['loss_sum'] / s.metrics['count'].astype(jnp.float32)
+
+  step_fn = jax.jit(step, donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(train.eval_step, model=model, image_size=size))
+  jstate = jax.device_put(host_state)
+
+  record = {'steps': [], 'jax_loss': [], 'torch_loss': [], 'rel_diff': []}
+  if control is not None:
+    record.update(control_loss=[], control_rel_diff=[])
+  params_diff, evals = [], []
+  t_jax = t_torch = 0.0
+  t0 = time.perf_counter()
+  print(f"\n{'step':>6} {'epoch':>5} {'gnet-jax loss':>14} {'PyTorch loss':>14} "
+        f"{'rel. diff':>10} {'param diff':>10}" +
+        (f" {'ctl loss':>12} {'ctl diff':>10} {'ctl param':>10}" if control is not None else ''))
+  step_no = 0
+  for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+    for batch in input_pipeline.train_batches(data.train_images, data.train_labels, batch_size,
+                                              config.seed, epoch):
+      if step_no == total_steps:
+        break
+      step_no += 1
+      s0 = time.perf_counter()
+      jstate, jloss = step_fn(jstate, batch)
+      jloss = float(jloss)
+      s1 = time.perf_counter()
+      x = torch_input(torch, batch['image'], size, device)
+      y = torch.from_numpy(batch['label']).long().to(device)
+      optimizer.zero_grad(set_to_none=True)
+      loss = criterion(net(x), y)
+      loss.backward()
+      optimizer.step()
+      tloss = float(loss.item())
+      s2 = time.perf_counter()
+      if step_no > 1:  # the first jax step includes the compilation
+        t_jax, t_torch = t_jax + s1 - s0, t_torch + s2 - s1
+      rel = relative_difference(jloss, tloss)
+      record['steps'].append(step_no)
+      record['jax_loss'].append(jloss)
+      record['torch_loss'].append(tloss)
+      record['rel_diff'].append(rel)
+      line = ''
+      if control is not None:
+        control_opt.zero_grad(set_to_none=True)
+        closs = criterion(control(x), y)
+        closs.backward()
+        control_opt.step()
+        closs = float(closs.item())
+        record['control_loss'].append(closs)
+        record['control_rel_diff'].append(relative_difference(closs, tloss))
+      last_of_epoch = step_no % steps_per_epoch == 0 or step_no == total_steps
+      if step_no == 1 or step_no % args.log_every == 0 or last_of_epoch:
+        pdiff = param_rel_diff(jstate.params, net)
+        params_diff.append({'step': step_no, 'param_rel_diff': pdiff})
+        if control is not None:
+          cdiff = torch_param_rel_diff(control, net)
+          params_diff[-1]['control_param_rel_diff'] = cdiff
+          line = (f" {record['control_loss'][-1]:12.7f} {record['control_rel_diff'][-1]:10.3e}"
+                  f' {cdiff:10.3e}')
+        print(f'{step_no:6d} {epoch + 1:5d} {jloss:14.7f} {tloss:14.7f} {rel:10.3e} '
+              f'{pdiff:10.3e}' + line, flush=True)
+      if not (math.isfinite(jloss) and math.isfinite(tloss)):
+        print(f'warning: non-finite loss at step {step_no} (gnet-jax {jloss}, PyTorch {tloss});'
+              ' stopping', file=sys.stderr)
+        break
+    if step_no and (step_no % steps_per_epoch == 0 or step_no == total_steps):
+      ej = jax_evaluate(eval_fn, jstate.params, data, batch_size)
+      et = torch_evaluate(torch, net, data, batch_size, size, device)
+      evals.append({'epoch': epoch + 1, 'step': step_no, 'partial_epoch':
+                    step_no % steps_per_epoch != 0, 'jax': ej, 'torch': et})
+      print(f'  epoch {epoch + 1} end (step {step_no}): test accuracy gnet-jax '
+            f"{ej['accuracy']:.4f}, PyTorch {et['accuracy']:.4f} (test loss {ej['loss']:.4f} / "
+            f"{et['loss']:.4f}, {ej['count']} examples)", flush=True)
+    if step_no == total_steps or not (math.isfinite(jloss) and math.isfinite(tloss)):
+      break
+
+  crossings = first_exceeding(record['rel_diff'], record['steps'])
+  timed = max(len(record['steps']) - 1, 1)
+  result = {
+      'machine': header,
+      'config': json.loads(config.to_json()),
+      'torch_device': device,
+      'image_size': size, 'batch_size': batch_size, 'steps_per_epoch': steps_per_epoch,
+      'num_steps': len(record['steps']),
+      'first_step_rel_diff_exceeds': crossings,
+      **({'control_first_step_rel_diff_exceeds': first_exceeding(
+          record['control_rel_diff'], record['steps'])} if control is not None else {}),
+      'max_rel_diff': max(record['rel_diff'], default=float('nan')),
+      'step_seconds': {'jax': t_jax / timed, 'torch': t_torch / timed},
+      'wall_seconds': time.perf_counter() - t0,
+      'evals': evals,
+      'param_rel_diff': params_diff,
+      **record,
+  }
+  print('\nfirst step where |loss_jax - loss_torch| / loss_torch exceeds: ' + ', '.join(
+      f"{k}: {v if v is not None else 'never'}" for k, v in crossings.items()) +
+      f' (of {len(record["steps"])} steps)')
+  if control is not None:
+    print('control (PyTorch vs PyTorch, start 1 ulp apart in 0.01% of the weights), first step '
+          'exceeding: ' + ', '.join(
+        f"{k}: {v if v is not None else 'never'}"
+        for k, v in result['control_first_step_rel_diff_exceeds'].items()))
+  print(f"seconds/step: gnet-jax {t_jax / timed:.3f}, PyTorch {t_torch / timed:.3f}")
+  return result
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def plot(result: dict, path: Path) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  steps = np.asarray(result['steps'])
+  jl, tl = np.asarray(result['jax_loss']), np.asarray(result['torch_loss'])
+  rel = np.asarray(result['rel_diff'])
+  fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True,
+                                 gridspec_kw={'height_ratios': [3, 2]})
+  ax1.plot(steps, tl, color='tab:orange', lw=2.2, alpha=0.7, label='PyTorch original')
+  ax1.plot(steps, jl, color='tab:blue', lw=0.9, label='gnet-jax')
+  for e in result['evals']:
+    ax1.axvline(e['step'], color='0.8', lw=0.8, zorder=0)
+    ax1.annotate(f"test acc\njax {e['jax']['accuracy']:.3f}\ntorch {e['torch']['accuracy']:.3f}",
+                 (e['step'], ax1.get_ylim()[1]), ha='right', va='top', fontsize=8,
+                 xytext=(-3, -3), textcoords='offset points')
+  ax1.set_ylabel('training loss (per step)')
+  size = result['image_size']
+  ax1.set_title(f"gnet-jax vs PyTorch original, same start and batches ({size}x{size}, batch "
+                f"{result['batch_size']}, {result['config'].get('optimizer', 'sgd')} lr "
+                f"{result['config'].get('learning_rate')})", fontsize=10)
+  ax1.legend(loc='center right')
+  floor = 1e-9
+  ax2.semilogy(steps, np.maximum(rel, floor), color='tab:red', lw=0.8,
+               label='|loss_jax - loss_torch| / loss_torch')
+  if result.get('control_rel_diff'):
+    ax2.semilogy(steps, np.maximum(np.asarray(result['control_rel_diff']), floor),
+                 color='0.5', lw=0.6, alpha=0.8,
+                 label='control: PyTorch vs PyTorch, start 1 ulp apart in 0.01% of weights (loss)')
+  if result.get('param_rel_diff'):
+    ps = [p['step'] for p in result['param_rel_diff']]
+    pv = [max(p['param_rel_diff'], floor) for p in result['param_rel_diff']]
+    ax2.semilogy(ps, pv, 'o-', color='tab:green', ms=3, lw=1,
+                 label='||params_jax - params_torch|| / ||params_torch||')
+    cp = [(p['step'], max(p['control_param_rel_diff'], floor))
+          for p in result['param_rel_diff'] if 'control_param_rel_diff' in p]
+    if cp:
+      ax2.semilogy(*zip(*cp), 's--', color='0.3', ms=3, lw=1,
+                   label='control: PyTorch vs PyTorch (params)')
+  for t in THRESHOLDS:
+    ax2.axhline(t, color='0.6', lw=0.8, ls='--')
+    first = result['first_step_rel_diff_exceeds'].get(f'{t:g}')
+    if first is not None:
+      ax2.plot([first], [t], 'k|', ms=10)
+      ax2.annotate(f'> {t:g} from step {first}', (first, t), fontsize=8, xytext=(-4, 3),
+                   textcoords='offset points', ha='right',
+                   bbox={'boxstyle': 'square,pad=0.1', 'fc': 'white', 'ec': 'none', 'alpha': 0.8})
+  ax2.set_ylim(floor / 2, 10)
+  ax2.set_xlabel('step')
+  ax2.set_ylabel('relative difference')
+  ax2.legend(loc='lower right', fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', default=str(REPO / 'configs' / 'fashion_mnist.py'),
+                      help='config file (default: configs/fashion_mnist.py, the reference '
+                           'recipe); --config.KEY=VALUE overrides any key')
+  length = parser.add_mutually_exclusive_group()
+  length.add_argument('--steps', type=int, default=0, help='train this many steps')
+  length.add_argument('--epochs', type=int, default=1, help='train this many epochs (default 1)')
+  parser.add_argument('--image_size', type=int, default=0,
+                      help="resize to this size (default: the config's)")
+  parser.add_argument('--out', default='runs/fidelity', help='folder for fidelity.json/.png')
+  parser.add_argument('--log_every', type=int, default=25, help='print every N steps')
+  parser.add_argument('--train_examples', type=int, default=None,
+                      help='first N training examples only (tiny runs)')
+  parser.add_argument('--eval_examples', type=int, default=None,
+                      help='first N test examples only')
+  parser.add_argument('--seed', type=int, default=None, help="initial weights and batch order "
+                      "(default: the config's)")
+  parser.add_argument('--data_dir', default=None, help='folder with the four IDX files')
+  parser.add_argument('--replot', action='store_true',
+                      help='only redraw OUT/fidelity.png from OUT/fidelity.json')
+  parser.add_argument('--control', action='store_true',
+                      help='also train a second PyTorch copy whose start differs by one float32 '
+                           'ulp in 0.01%% of the weights: how fast PyTorch diverges from '
+                           'itself (50%% slower)')
+  args, rest = parser.parse_known_args(argv)
+  return args, rest
+
+
+def main(argv=None) -> int:
+  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.replot:
+    source = Path(args.out) / 'fidelity.json'
+    if not source.is_file():
+      print(f'error: {source} does not exist; run without --replot first', file=sys.stderr)
+      return 2
+    plot(json.loads(source.read_text()), Path(args.out) / 'fidelity.png')
+    print(f'wrote {Path(args.out) / "fidelity.png"}')
+    return 0
+  try:
+    if args.steps < 0 or args.epochs < 1 or args.log_every < 1:
+      raise UsageError('--steps must be >= 0, --epochs and --log_every >= 1')
+    config = load_config(args.config, overrides)
+    for key, value in (('image_size', args.image_size or None), ('seed', args.seed),
+                       ('train_examples', args.train_examples),
+                       ('eval_examples', args.eval_examples)):
+      if value is not None:
+        config[key] = value
+    if config.image_size < 1:
+      raise UsageError(f'image_size must be positive, got {config.image_size}')
+    check_recipe(config)
+    torch = import_torch()
+    if 'jax' not in sys.modules:  # too late otherwise (e.g. called from the test suite)
+      apply_xla_defaults()
+    from gnet_jax.errors import InputError
+    try:
+      result = side_by_side(args, config, torch)
+    except InputError as e:
+      raise UsageError(str(e)) from None
+  except UsageError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'fidelity.json').write_text(json.dumps(result, indent=1) + '\n')
+  plot(result, out / 'fidelity.png')
+  print(f'wrote {out / "fidelity.json"} and {out / "fidelity.png"}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
