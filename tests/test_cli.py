@@ -26,7 +26,7 @@ def test_end_to_end_run_writes_the_workdir(idx_dir, tmp_path):
                      '--config.data_source=idx', f'--config.data_dir={idx_dir}',
                      '--config.train_examples=32', '--config.eval_examples=12',
                      '--config.batch_size=8', '--config.num_epochs=1',
-                     '--config.progress=False')
+                     '--config.log_every_steps=2', '--config.progress=False')
   assert result.returncode == 0, result.stderr
   assert re.search(r'^epoch 1/1: loss \d+\.\d{3}, train acc \d\.\d{3}, test acc \d\.\d{3}, '
                    r'\d+\.\d examples/sec on cpu:0$', result.stdout, re.M), result.stdout
@@ -40,6 +40,9 @@ def test_end_to_end_run_writes_the_workdir(idx_dir, tmp_path):
     assert key in metrics
   assert metrics['epoch'] == 1 and metrics['step'] == 4
   assert (workdir / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert [json.loads(p)['step'] for p in (workdir / 'steps.jsonl').read_text().splitlines()] == [
+      2, 4]
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
 
 
 def test_summary_prints_stage_table():
@@ -54,7 +57,10 @@ def test_summary_prints_stage_table():
     (['--config.batch_size=abc'], "--config.batch_size=abc: invalid literal"),
     (['--config.data_source=idx', '--config.data_dir=/nonexistent/fmnist'],
      'data_dir /nonexistent/fmnist does not exist'),
-    (['--config.dataset=cifar'], "unknown dataset 'cifar'"),
+    (['--config.dataset=cifar'], "--config.dataset='cifar' is not allowed; dataset must be one"),
+    (['--config.batch_size=0'], '--config.batch_size=0 is not allowed; batch_size must be an '
+                                'integer >= 1'),
+    (['--config.num_epochs=-1'], 'num_epochs must be an integer >= 1'),
 ])
 def test_bad_input_is_one_clear_error(args, expected, tmp_path):
   result = run_train('--config', 'configs/quickstart.py', '--workdir', str(tmp_path), *args)
@@ -62,6 +68,14 @@ def test_bad_input_is_one_clear_error(args, expected, tmp_path):
   assert expected in result.stderr
   assert 'Traceback' not in result.stderr
   assert result.stderr.startswith('error: ')
+  assert not any(tmp_path.iterdir())  # nothing written to the workdir
+
+
+def test_workdir_that_is_a_file(tmp_path):
+  (tmp_path / 'run').write_text('x')
+  result = run_train('--config', 'configs/quickstart.py', '--workdir', str(tmp_path / 'run'))
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert result.stderr.startswith(f'error: --workdir {tmp_path / "run"} is a file')
 
 
 def test_missing_config_file():
