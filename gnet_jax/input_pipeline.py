@@ -174,8 +174,10 @@ def load_tfds(dataset: str, data_dir: str | None) -> Dataset:
   try:
     import tensorflow_datasets as tfds
   except ImportError:
-    raise DatasetError('tensorflow-datasets is not installed: pip install tensorflow-datasets, '
-                       'or use --config.data_source=idx with local IDX files') from None
+    raise DatasetError(f'{dataset} is not on this machine as IDX files, and downloading it needs '
+                       "internet and the tfds extra: pip install -e '.[tfds]' (tensorflow-datasets "
+                       'and TensorFlow); or point --config.data_dir at a folder with the four '
+                       'IDX files') from None
   builder = tfds.builder(dataset, data_dir=data_dir or None)
   try:  # a prepared copy (or tfds.testing.mock_data) reads without TensorFlow
     sources = {split: tfds.data_source(dataset, split=split, data_dir=data_dir or None,
@@ -187,8 +189,8 @@ def load_tfds(dataset: str, data_dir: str | None) -> Dataset:
       import tensorflow  # noqa: F401  (tfds needs it to download and prepare)
     except ImportError:
       raise DatasetError(
-          f'{dataset} is not prepared in {builder.data_dir} and preparing it needs TensorFlow: '
-          "pip install 'gnet-jax[tfds]' (adds tensorflow-cpu), or point "
+          f'{dataset} is not prepared in {builder.data_dir}, and downloading it needs internet '
+          "and the tfds extra: pip install -e '.[tfds]' (adds TensorFlow); or point "
           '--config.data_dir at a folder with the four IDX files') from None
     try:
       builder.download_and_prepare()
