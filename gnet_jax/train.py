@@ -8,7 +8,6 @@ the same code runs under plain or sharded ``jax.jit``.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import time
 from pathlib import Path
@@ -196,7 +195,11 @@ def _compile_train_step(runner, model, tx, config, state, first_batch) -> Callab
   step_fn = runner.train_step(train_step, model=model, tx=tx, image_size=config.image_size,
                               aux_weight=float(config.aux_weight))
   compiled = step_fn.lower(state, runner.put_batch(first_batch)).compile()
-  logging.info('train step compiled in %.1f s', time.perf_counter() - t0)
+  if jax.process_index() == 0:
+    since_start = xla_flags.seconds_since_process_start()
+    print(f'train step compiled in {time.perf_counter() - t0:.1f} s'
+          + (f' ({since_start:.1f} s after the process started)' if since_start else ''),
+          flush=True)
   return compiled
 
 

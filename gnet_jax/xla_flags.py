@@ -121,3 +121,13 @@ def enable_compilation_cache(setting: str) -> Path | None:
   # Cache every program that took a while to compile, the small eval step included.
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   return folder
+
+
+def seconds_since_process_start() -> float | None:
+  """Wall time since this process started (Linux /proc), to report start-up cost; else None."""
+  try:
+    ticks = int(Path('/proc/self/stat').read_text().rsplit(')', 1)[1].split()[19])
+    uptime = float(Path('/proc/uptime').read_text().split()[0])
+    return uptime - ticks / os.sysconf('SC_CLK_TCK')
+  except (OSError, ValueError, IndexError):
+    return None

@@ -29,3 +29,11 @@ def test_compilation_cache_folder(tmp_path):
   # JAX's own variable wins over the config (the tests set it).
   assert xla_flags.compilation_cache_dir('off', {**home, 'JAX_COMPILATION_CACHE_DIR': '/c'}) == \
       Path('/c')
+
+
+def test_seconds_since_process_start_counts_this_process():
+  import time
+  first = xla_flags.seconds_since_process_start()
+  time.sleep(0.05)
+  second = xla_flags.seconds_since_process_start()
+  assert 0 < first < second < 24 * 3600
