@@ -404,8 +404,7 @@ def import_to_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike,
         'converts it for your own code)')
   model, tx, state = state_lib.build(config, spec)
   params = merge_params(imported, state.params)
-  state = state.replace(params=params,
-                        opt_state=jax.tree.map(np.asarray, jax.device_get(tx.init(params))))
+  state = state.replace(params=params, opt_state=state_lib.init_opt_state(tx, params))
   if getattr(model, 'aux_heads', False):
     notes.append('aux heads (aux1, aux2) are freshly initialised: the d2l model has none')
   folder = checkpoint.save_state(workdir, state, config)

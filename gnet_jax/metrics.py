@@ -8,10 +8,12 @@ the loop never syncs with the host per step.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -128,8 +130,18 @@ class RunLog:
                     if m['epoch'] <= start_epoch] if start_step else []
     self.points = [p for p in read_jsonl(workdir / 'steps.jsonl')
                    if p['step'] <= start_step] if start_step else []
-    self.writer = None
+    self._writer, self._purge_step = None, None
     self._bar, self._last = None, None
+
+  @property
+  def writer(self):
+    """The TensorBoard writer, opened at its first use: importing it costs ~1 s of start-up."""
+    if self._writer is None:
+      self._writer = tensorboard_writer(self.workdir, self._purge_step)
+      if not self.start_step:
+        self._writer.add_text('config', '```\n' + self.config.to_json(indent=2) + '\n```', 0)
+        self._writer.add_hparams(_hparams(self.config), {}, name='.', global_step=0)
+    return self._writer
 
   def last_epoch(self) -> dict:
     return self.history[-1] if self.history else {}
@@ -147,10 +159,10 @@ class RunLog:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
     (self.workdir / 'config.json').write_text(self.config.to_json(indent=2) + '\n')
-    self.writer = tensorboard_writer(self.workdir, self.start_step + 1 if restored else None)
-    if not self.start_step:
-      self.writer.add_text('config', '```\n' + self.config.to_json(indent=2) + '\n```', 0)
-      self.writer.add_hparams(_hparams(self.config), {}, name='.', global_step=0)
+    self._purge_step = self.start_step + 1 if restored else None
+    # Import the writer's library while the step compiles (compiling releases the GIL),
+    # so neither start-up nor the first epoch's timing pays for it.
+    threading.Thread(target=importlib.import_module, args=('tensorboardX',), daemon=True).start()
     print(f'data: {data_source}')
     print(layout)
     if restored and not self.start_step:
@@ -221,8 +233,8 @@ class RunLog:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
-    if self.writer is not None:
-      self.writer.close()
+    if self._writer is not None:
+      self._writer.close()
 
 
 def _hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
