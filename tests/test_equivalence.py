@@ -168,7 +168,7 @@ def load_default_config():
 def capture_gradients() -> optax.GradientTransformation:
   """An identity transformation that keeps the gradients it sees in its state."""
   return optax.GradientTransformation(
-      init=lambda params: jax.tree.map(np.zeros_like, params),
+      init=lambda params: jax.tree.map(jnp.zeros_like, params),
       update=lambda grads, state, params=None: (grads, grads))
 
 
