@@ -65,10 +65,7 @@ class UsageError(Exception):
 
 def apply_xla_defaults() -> None:
   """gnet-jax's per-platform XLA flags, as train.py sets them (before JAX starts)."""
-  try:
-    from gnet_jax import xla_flags
-  except ImportError:  # older layout
-    from gnet_jax import platform as xla_flags  # type: ignore
+  from gnet_jax import xla_flags
   xla_flags.apply_defaults()
 
 
