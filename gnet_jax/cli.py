@@ -74,12 +74,25 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+def add_checkpoint_flags(parser, use: str) -> None:
+  """``--workdir`` and ``--step``, as every command on a trained run takes them."""
+  parser.add_argument('--workdir', required=True, help="the training run's --workdir")
+  parser.add_argument('--step', type=int, default=None,
+                      help=f'checkpoint step to {use} (default: the newest readable one)')
+
+
 def run_command(fn: Callable[..., int], *args: Any, **kwargs: Any) -> int:
-  """Runs a command; ``InputError`` -> ``error:`` line and 2, ``Interrupted`` -> its exit code."""
+  """Runs a command; ``InputError`` -> ``error:`` line and 2, ``Interrupted`` -> its exit code.
+
+  Output piped into a program that stops reading (``| head``) ends quietly.
+  """
   from gnet_jax import preemption
 
   try:
     return fn(*args, **kwargs)
+  except BrokenPipeError:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    return 1
   except preemption.Interrupted as e:  # a checkpoint was saved; the message says how to resume
     print(e, file=sys.stderr)
     return e.exit_code

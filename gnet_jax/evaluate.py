@@ -157,11 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m gnet_jax.evaluate',
       description='Evaluate a checkpoint on the full test split and plot its confusion matrix.')
-  parser.add_argument('--workdir', required=True, help='the training run\'s --workdir')
-  parser.add_argument('--step', type=int, default=None,
-                      help='checkpoint step to evaluate (default: the newest readable one)')
-  args = parser.parse_args(argv)
   from gnet_jax import cli
+  cli.add_checkpoint_flags(parser, 'evaluate')
+  args = parser.parse_args(argv)
   return cli.run_command(run, args)
 
 

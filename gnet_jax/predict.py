@@ -195,16 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m gnet_jax.predict',
       description='Print the top-3 classes of PNG/JPEG images under a trained checkpoint.')
-  parser.add_argument('--workdir', required=True, help="the training run's --workdir")
-  parser.add_argument('--step', type=int, default=None,
-                      help='checkpoint step to use (default: the newest readable one)')
+  from gnet_jax import cli
+  cli.add_checkpoint_flags(parser, 'use')
   parser.add_argument('--invert', choices=INVERT_CHOICES, default='auto',
                       help='make dark-on-light images light-on-dark like the dataset: auto '
                            '(default) inverts when the border is light, yes/no force it')
   parser.add_argument('--json', action='store_true', help='print one JSON document')
   parser.add_argument('images', nargs='+', metavar='IMAGE', help='PNG or JPEG files')
   args = parser.parse_args(argv)
-  from gnet_jax import cli
   return cli.run_command(run, args)
 
 

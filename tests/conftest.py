@@ -72,6 +72,19 @@ def idx_dir(tmp_path_factory) -> Path:
   return write_idx_dataset(tmp_path_factory.mktemp('idx'))
 
 
+@pytest.fixture(scope='session')
+def quickstart_checkpoint(tmp_path_factory, idx_dir) -> Path:
+  """A step-0 checkpoint of the quickstart config on the tiny data (no training: a second)."""
+  from configs import quickstart
+  from gnet_jax import checkpoint, state as state_lib
+
+  config = quickstart.get_config()
+  config.data_dir, config.data_source = str(idx_dir), 'idx'
+  folder = tmp_path_factory.mktemp('quickstart_step0')
+  checkpoint.save_state(folder, state_lib.build(config)[2], config)
+  return folder
+
+
 class TinyNet(nn.Module):
   """GoogLeNet's calling convention and aux head on a network that compiles in a second.
 

@@ -9,21 +9,14 @@ import pytest
 
 from conftest import make_images
 
-from gnet_jax import checkpoint, evaluate, state as state_lib
+from gnet_jax import checkpoint, evaluate
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory, idx_dir):
-  """A step-0 checkpoint of the quickstart config (no training: a second or two)."""
-  from configs import quickstart
-  config = quickstart.get_config()
-  config.data_dir, config.data_source = str(idx_dir), 'idx'
-  _, _, host = state_lib.build(config)
-  folder = tmp_path_factory.mktemp('evaluate_run')
-  checkpoint.save_state(folder, host, config)
-  return folder
+def workdir(quickstart_checkpoint):
+  return quickstart_checkpoint
 
 
 @pytest.fixture(scope='module')
