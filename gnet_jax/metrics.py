@@ -113,7 +113,10 @@ def tensorboard_writer(workdir: Path, purge_step: int | None):
   resumed run shows each step once.
   """
   from tensorboardX import SummaryWriter
-  return SummaryWriter(str(workdir / TB_DIR), purge_step=purge_step, flush_secs=30)
+  # Event files are named by the second they were opened in; the suffix keeps a run
+  # resumed within the same second from overwriting the file of the run it resumes.
+  return SummaryWriter(str(workdir / TB_DIR), purge_step=purge_step, flush_secs=30,
+                       filename_suffix=f'.{os.getpid()}.{purge_step or 0}')
 
 
 class RunLog:
