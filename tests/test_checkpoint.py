@@ -159,10 +159,13 @@ def test_config_mismatch_is_refused(reference_copy, idx_dir, capsys, key, value)
 def test_allowed_config_changes():
   saved = checkpoint.config_dict(make_config('/a'))
   changed = make_config('/b', num_epochs=5, progress=True, checkpoint_every_steps=0,
-                        max_checkpoints=1, eval_batch_size=16, parallelism='pmap')
+                        max_checkpoints=1, eval_batch_size=16, parallelism='pmap',
+                        kernels='xla', log_every_steps=0, profile_steps=3,
+                        compilation_cache='off')
   assert checkpoint.config_differences(saved, changed) == []
-  assert checkpoint.config_differences(saved, make_config('/a', seed=1, momentum=0.5)) == [
-      'momentum', 'seed']
+  assert checkpoint.config_differences(saved, make_config('/a', seed=1, momentum=0.5,
+                                                         bias_init='torch')) == [
+      'bias_init', 'momentum', 'seed']
 
 
 # ----------------------------------------------------------------------------- damage
