@@ -176,7 +176,7 @@ def capture_gradients() -> optax.GradientTransformation:
 def one_step(batch):
   """One real ``train.train_step`` (SGD, lr 0.1) and one ``torch.optim.SGD`` step, same start.
 
-  The optimizer is ``make_optimizer``'s, chained after a pass-through that
+  The optimizer is ``state.create_optimizer``'s, chained after a pass-through that
   records the gradients, so one compilation serves both the gradient and the
   step comparison (compiling GoogLeNet's backward pass is the slow part).
   """
