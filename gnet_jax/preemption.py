@@ -56,11 +56,12 @@ class StopRequest:
       self.signum = signal.SIGTERM
     return self.signum is not None
 
-  def interrupted(self, step: int, steps_per_epoch: int, where: str) -> Interrupted:
-    """The error to raise once the checkpoint of ``step`` is saved in ``where``."""
+  def interrupted(self, step: int, steps_per_epoch: int) -> Interrupted:
+    """Waits until the checkpoint of ``step`` is written; the error to raise then."""
+    self._manager.wait_until_finished()
     name = signal.Signals(self.signum).name
     epoch, position = divmod(step, steps_per_epoch)
     return Interrupted(
         f'stopped by {name} at step {step} (epoch {epoch + 1}, step {position} of '
-        f'{steps_per_epoch}); checkpoint saved in {where}; rerun the same command to resume',
-        128 + self.signum)
+        f'{steps_per_epoch}); checkpoint saved in {self._manager.directory / str(step)}; '
+        'rerun the same command to resume', 128 + self.signum)

@@ -267,8 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                           step % config.checkpoint_every_steps == 0):
             save(step, state)
           if stopping:
-            manager.wait_until_finished()
-            raise stop.interrupted(step, steps_per_epoch, manager.directory / str(step))
+            raise stop.interrupted(step, steps_per_epoch)
       sums = runner.to_host(state.metrics)  # the epoch's one full host read
       check_finite(sums, manager, steps_per_epoch)
       test = evaluate(runner, eval_fn, state.params, data.test_images, data.test_labels,
@@ -277,6 +276,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
       state = state.replace(metrics=runner.put_state(state_lib.zero_metrics()))
       save(step, state)
       if stop.requested(step):
-        manager.wait_until_finished()
-        raise stop.interrupted(step, steps_per_epoch, manager.directory / str(step))
+        raise stop.interrupted(step, steps_per_epoch)
   return summary

@@ -111,8 +111,8 @@ def enable_compilation_cache(setting: str) -> Path | None:
   import jax  # the module itself stays importable before JAX starts
 
   folder = compilation_cache_dir(setting)
-  if folder is None:
-    return None
+  if folder is None or os.environ.get(CACHE_ENV):
+    return folder  # off, or configured through JAX's own variables: leave JAX's settings
   try:
     folder.mkdir(parents=True, exist_ok=True)
   except OSError:
