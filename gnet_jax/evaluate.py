@@ -44,13 +44,12 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None,
                                      train_examples=0, eval_examples=-1)
   runner = parallel.make_runner(ml_collections.ConfigDict(
       {'batch_size': config.batch_size, 'parallelism': 'none', 'num_devices': 0}))
-  eval_fn = train.compile_eval(runner, state_lib.create_model(config, spec), config.image_size,
-                               spec.num_classes)
+  model = state_lib.create_model(config, spec)
+  eval_fn = train.compile_eval(runner, model, config.image_size, spec.num_classes)
   result = train.evaluate(runner, eval_fn, runner.put_state(state.params), data.test_images,
                           data.test_labels, train.eval_batch_size(config, 1))
   images = data.test_images[:num_examples]
-  predict_fn = predict.make_predict_fn(state_lib.create_model(config, spec), state.params,
-                                       config.image_size)
+  predict_fn = predict.make_predict_fn(model, state.params, config.image_size)
   examples = {'images': images, 'labels': np.asarray(data.test_labels[:num_examples]),
               'predictions': (predict_fn(images).argmax(-1) if len(images)
                               else np.zeros((0,), np.int64))}
