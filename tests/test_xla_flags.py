@@ -1,7 +1,12 @@
-"""gnet_jax.xla_flags: per-platform XLA defaults and the persistent compilation cache."""
+"""gnet_jax.xla_flags: per-platform XLA defaults, the compilation cache, the freed heap."""
 
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
+from conftest import REPO
 from gnet_jax import xla_flags
 
 
@@ -37,3 +42,34 @@ def test_seconds_since_process_start_counts_this_process():
   time.sleep(0.05)
   second = xla_flags.seconds_since_process_start()
   assert 0 < first < second < 24 * 3600
+
+
+FREED_HEAP = '''
+import ctypes, ctypes.util, sys
+from gnet_jax import xla_flags
+libc = ctypes.CDLL(ctypes.util.find_library('c'))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_mib():
+  line = next(l for l in open('/proc/self/status') if l.startswith('VmRSS'))
+  return int(line.split()[1]) / 1024
+# 200 MiB of 4 KiB blocks (heap, not mmap), touched, then freed; the block kept above them
+# stops glibc from shrinking the heap by itself, so the pages stay until trimmed.
+blocks = [libc.malloc(4096) for _ in range(51200)]
+pin = libc.malloc(4096)
+for b in blocks:
+  ctypes.memset(b, 1, 4096)
+for b in blocks:
+  libc.free(b)
+before = rss_mib()
+print(xla_flags.return_freed_memory(), before - rss_mib())
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc/self/status')
+def test_return_freed_memory_gives_the_heap_back():
+  # A child process: this one's heap holds whatever the other tests left in it.
+  out = subprocess.run([sys.executable, '-c', FREED_HEAP], capture_output=True, text=True,
+                       check=True, cwd=REPO).stdout.split()
+  assert out[0] == 'True'
+  assert float(out[1]) > 150, f'only {out[1]} MiB returned to the OS'
