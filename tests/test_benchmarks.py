@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark script: one tiny step per framework, table printed.
+"""Smoke test of the benchmark script (one tiny step per framework), and the profiling tools.
 
 Benchmarks are never timed in the test suite; this only checks that
 ``benchmarks/throughput.py`` runs end to end and prints its table.
@@ -38,3 +38,29 @@ def test_throughput_script_runs_one_tiny_step_and_prints_table(tmp_path):
     assert rows['gnet-jax kernels=xla']['rounds'] == 2 and 'x (' in table
     low, high = rows['gnet-jax kernels=xla']['vs_torch_range']
     assert low <= rows['gnet-jax kernels=xla']['vs_torch'] <= high
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(name, REPO / 'benchmarks' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_flag_sweep_names_only_flags_this_jaxlib_knows():
+  # XLA aborts the worker on an unknown flag; a renamed flag would show as a failed row.
+  from gnet_jax import xla_flags
+  sweep = _load('xla_flag_sweep')
+  names = {f.split('=')[0][2:] for flags, _ in sweep.VARIANTS.values() for f in flags.split()}
+  assert names and all(xla_flags.xla_knows_flag(n) for n in names), names
+  assert next(iter(sweep.VARIANTS.values())) == ('', None)  # the baseline comes first
+
+
+def test_profile_sorts_kernels_into_kinds():
+  kind = _load('profile_step')._fusion_kind
+  relu_bwd = 'jit(train_step)/transpose(jvp(GoogLeNet))/b2/select_n'
+  assert kind('add_select_fusion.1', 'fusion', relu_bwd) == 'ReLU/max-pool backward (selects)'
+  assert kind('transpose_copy_fusion.37', 'fusion', '') == 'layout transposes/copies'
+  assert kind('maximum_pad_fusion.4', 'fusion', 'jit(train_step)/jvp(GoogLeNet)/b1/pad') == \
+      'padding (fused with ReLU/adds), forward'
+  assert kind('dot.65', 'dot', relu_bwd) == 'matmul (traced)'
