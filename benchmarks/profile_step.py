@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import gzip
 import json
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / 'benchmarks'))
 
 TRACE_FLAG = '--xla_cpu_enable_xprof_traceme=true'
 
@@ -58,35 +58,13 @@ def _fusion_kind(name: str, opcode: str, metadata: str) -> str:
 
 def profile_jax(size: int, batch: int, steps: int) -> dict:
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + TRACE_FLAG).strip()
-  from gnet_jax import xla_flags
-  xla_flags.apply_defaults()
-
   import jax
-  import ml_collections
-  import numpy as np
-  import optax
 
-  from gnet_jax import input_pipeline, models, state as state_lib, train
+  from xla_flag_sweep import compiled_train_step, median_step_seconds
 
-  model, tx = models.GoogLeNet(), optax.sgd(0.1)
-  config = ml_collections.ConfigDict({'image_size': size, 'seed': 0, 'bias_init': 'zeros'})
-  state = jax.device_put(state_lib.create_train_state(
-      config, input_pipeline.dataset_spec('fashion_mnist'), model, tx))
-  rng = np.random.default_rng(0)
-  batch_arrays = jax.device_put({
-      'image': rng.integers(0, 256, (batch, size, size, 1)).astype(np.uint8),
-      'label': rng.integers(0, 10, batch).astype(np.int32)})
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, image_size=size),
-                 donate_argnums=0).lower(state, batch_arrays).compile()
+  step, state, batch_arrays = compiled_train_step(size, batch)
   hlo = step.as_text()
-  for _ in range(2):
-    state = step(state, batch_arrays)
-  jax.block_until_ready(state)
-  wall = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state = jax.block_until_ready(step(state, batch_arrays))
-    wall.append(time.perf_counter() - t)
+  step_s, state = median_step_seconds(step, state, batch_arrays, steps)
   with tempfile.TemporaryDirectory() as folder:
     jax.profiler.start_trace(folder, create_perfetto_trace=True)
     for _ in range(steps):
@@ -105,8 +83,7 @@ def profile_jax(size: int, batch: int, steps: int) -> dict:
   for e in events:
     if e.get('ph') == 'X' and e['name'] in ops:
       kinds[_fusion_kind(e['name'], *ops[e['name']])] += e['dur'] / 1e3 / steps
-  step_ms = 1e3 * sorted(wall)[len(wall) // 2]
-  return {'step_ms': step_ms, 'kinds_thread_ms': dict(kinds)}
+  return {'step_ms': 1e3 * step_s, 'kinds_thread_ms': dict(kinds)}
 
 
 def profile_torch(size: int, batch: int, steps: int) -> dict:

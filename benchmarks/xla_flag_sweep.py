@@ -47,9 +47,13 @@ VARIANTS = {
 }
 
 
-def worker(size: int, batch: int, steps: int) -> None:
+def compiled_train_step(size: int, batch: int):
+  """GoogLeNet's donated, AOT-compiled train step as ``train.py`` builds it, a state, a batch.
+
+  Imports JAX: call it once ``XLA_FLAGS`` is final. ``profile_step.py`` uses it too.
+  """
   from gnet_jax import xla_flags
-  xla_flags.apply_defaults()  # leaves a YNN value of the variant alone
+  xla_flags.apply_defaults()  # leaves a value the caller put in XLA_FLAGS alone
 
   import jax
   import ml_collections
@@ -68,6 +72,13 @@ def worker(size: int, batch: int, steps: int) -> None:
   step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, image_size=size),
                  donate_argnums=0).lower(state, arrays).compile()
   xla_flags.return_freed_memory()  # as train.py does
+  return step, state, arrays
+
+
+def median_step_seconds(step, state, arrays, steps: int):
+  """Two untimed steps, then the median wall time of ``steps`` steps; returns it and the state."""
+  import jax
+
   for _ in range(2):
     state = step(state, arrays)
   jax.block_until_ready(state)
@@ -76,7 +87,12 @@ def worker(size: int, batch: int, steps: int) -> None:
     t = time.perf_counter()
     state = jax.block_until_ready(step(state, arrays))
     times.append(time.perf_counter() - t)
-  print(json.dumps({'img_s': batch / sorted(times)[len(times) // 2],
+  return sorted(times)[len(times) // 2], state
+
+
+def worker(size: int, batch: int, steps: int) -> None:
+  seconds, _ = median_step_seconds(*compiled_train_step(size, batch), steps)
+  print(json.dumps({'img_s': batch / seconds,
                     'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 
