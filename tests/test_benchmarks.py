@@ -1,7 +1,8 @@
 """Smoke test of the benchmark script (one tiny step per framework), and the profiling tools.
 
-Benchmarks are never timed in the test suite; this only checks that
-``benchmarks/throughput.py`` runs end to end and prints its table.
+Benchmarks are never timed in the test suite: ``benchmarks/throughput.py`` runs
+end to end and prints its table; the flag sweep and the step profile are
+checked for what they name and how they sort kernels.
 """
 
 import importlib.util
