@@ -20,7 +20,8 @@ import numpy as np
 import optax
 
 from gnet_jax import (checkpoint, config as config_lib, input_pipeline, metrics as metrics_lib,
-                      parallel, preemption, state as state_lib, xla_flags)
+                      parallel, preemption, state as state_lib, workdir as workdir_lib,
+                      xla_flags)
 from gnet_jax.errors import ConfigError, NonFiniteLossError
 from gnet_jax.state import TrainState
 
@@ -220,6 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   Continues from the newest readable checkpoint in ``workdir`` if there is one
   (same epoch, position, permutation and numbers as an uninterrupted run).
   ``model`` replaces the config's GoogLeNet (tests use a small network).
+  A workdir that another run is training in is refused (``gnet_jax.workdir``).
   Returns the last epoch's metrics.
   """
   config_lib.validate(config)
@@ -232,50 +234,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   workdir = config_lib.check_workdir(workdir, checkpoint.bytes_needed(init, config))
   parallel.check_shared_workdir(workdir)
   data, steps_per_epoch = _load_data(config)
-  host_state, start_step, damaged, restored = _restore_or_init(workdir, init, config)
-  log = metrics_lib.RunLog(workdir, config, steps_per_epoch, start_step, runner.device_label)
-  if start_step >= config.num_epochs * steps_per_epoch:
-    return log.nothing_to_do(start_step)
-  log.start(data.source, runner.describe(config.batch_size), restored)
+  # From here on this run alone writes to the workdir: a second run is refused here,
+  # having written nothing into it, and a dead run's lock is gone with its process.
+  with workdir_lib.hold(workdir):
+    host_state, start_step, damaged, restored = _restore_or_init(workdir, init, config)
+    log = metrics_lib.RunLog(workdir, config, steps_per_epoch, start_step, runner.device_label)
+    if start_step >= config.num_epochs * steps_per_epoch:
+      return log.nothing_to_do(start_step)
+    log.start(data.source, runner.describe(config.batch_size), restored)
 
-  state = runner.put_state(host_state)
-  batches = lambda epoch, position: input_pipeline.train_batches(  # noqa: E731
-      data.train_images, data.train_labels, config.batch_size, config.seed, epoch, position,
-      jax.process_index(), jax.process_count())
-  compiled_step = _compile_train_step(runner, model, tx, config, state, next(batches(0, 0)))
-  eval_fn = compile_eval(runner, model, config.image_size, spec.num_classes)
-  xla_flags.return_freed_memory()  # the compiler's scratch memory: 0.5 GiB less peak RSS
-  manager = checkpoint.open_manager(workdir, config.max_checkpoints, keep_steps=damaged)
-  save = lambda step, state: _save(manager, workdir, step, state, runner, config,  # noqa: E731
-                                   damaged, steps_per_epoch)
-  profiler = metrics_lib.Profiler(workdir, config.profile_steps, start_step)
-  step, summary = start_step, log.last_epoch()
-  with contextlib.closing(log), contextlib.closing(manager), profiler, preemption.StopRequest(
-      manager, multi_host=jax.process_count() > 1) as stop:
-    for epoch in range(start_step // steps_per_epoch, config.num_epochs):
-      position = step - epoch * steps_per_epoch
-      log.start_epoch(epoch, position, runner.to_host(state.metrics))
-      for batch in batches(epoch, position):
-        state = compiled_step(state, runner.put_batch(batch))
-        step += 1
-        log.after_step(step, lambda: runner.to_host(state.metrics))
-        profiler.after_step(step, state)
-        if after_step:
-          after_step(step)
-        if step % steps_per_epoch:  # the epoch's last step is saved below, after evaluation
-          stopping = stop.requested(step)
-          if stopping or (config.checkpoint_every_steps and
-                          step % config.checkpoint_every_steps == 0):
-            save(step, state)
-          if stopping:
-            raise stop.interrupted(step, steps_per_epoch)
-      sums = runner.to_host(state.metrics)  # the epoch's one full host read
-      check_finite(sums, manager, steps_per_epoch)
-      test = evaluate(runner, eval_fn, state.params, data.test_images, data.test_labels,
-                      eval_batch_size(config, runner.num_devices))
-      summary = log.end_epoch(epoch, step, sums, test)
-      state = state.replace(metrics=runner.put_state(state_lib.zero_metrics()))
-      save(step, state)
-      if stop.requested(step):
-        raise stop.interrupted(step, steps_per_epoch)
-  return summary
+    state = runner.put_state(host_state)
+    batches = lambda epoch, position: input_pipeline.train_batches(  # noqa: E731
+        data.train_images, data.train_labels, config.batch_size, config.seed, epoch, position,
+        jax.process_index(), jax.process_count())
+    compiled_step = _compile_train_step(runner, model, tx, config, state, next(batches(0, 0)))
+    eval_fn = compile_eval(runner, model, config.image_size, spec.num_classes)
+    xla_flags.return_freed_memory()  # the compiler's scratch memory: 0.5 GiB less peak RSS
+    manager = checkpoint.open_manager(workdir, config.max_checkpoints, keep_steps=damaged)
+    save = lambda step, state: _save(manager, workdir, step, state, runner, config,  # noqa: E731
+                                     damaged, steps_per_epoch)
+    profiler = metrics_lib.Profiler(workdir, config.profile_steps, start_step)
+    step, summary = start_step, log.last_epoch()
+    with contextlib.closing(log), contextlib.closing(manager), profiler, preemption.StopRequest(
+        manager, multi_host=jax.process_count() > 1) as stop:
+      for epoch in range(start_step // steps_per_epoch, config.num_epochs):
+        position = step - epoch * steps_per_epoch
+        log.start_epoch(epoch, position, runner.to_host(state.metrics))
+        for batch in batches(epoch, position):
+          state = compiled_step(state, runner.put_batch(batch))
+          step += 1
+          log.after_step(step, lambda: runner.to_host(state.metrics))
+          profiler.after_step(step, state)
+          if after_step:
+            after_step(step)
+          if step % steps_per_epoch:  # the epoch's last step is saved below, after evaluation
+            stopping = stop.requested(step)
+            if stopping or (config.checkpoint_every_steps and
+                            step % config.checkpoint_every_steps == 0):
+              save(step, state)
+            if stopping:
+              raise stop.interrupted(step, steps_per_epoch)
+        sums = runner.to_host(state.metrics)  # the epoch's one full host read
+        check_finite(sums, manager, steps_per_epoch)
+        test = evaluate(runner, eval_fn, state.params, data.test_images, data.test_labels,
+                        eval_batch_size(config, runner.num_devices))
+        summary = log.end_epoch(epoch, step, sums, test)
+        state = state.replace(metrics=runner.put_state(state_lib.zero_metrics()))
+        save(step, state)
+        if stop.requested(step):
+          raise stop.interrupted(step, steps_per_epoch)
+    return summary
