@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gnet_jax import config as config_lib
 from gnet_jax.errors import CheckpointError
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -147,7 +148,13 @@ def warn(message: str) -> None:
 
 
 def read_config(manager: ocp.CheckpointManager, step: int) -> dict:
-  return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  """The config saved at ``step``; keys it lacks (an older checkpoint) get their defaults here.
+
+  Every saved config is read through this function, so nothing else needs a
+  fallback for a missing key.
+  """
+  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  return config_lib.with_defaults(saved)
 
 
 def restore(manager: ocp.CheckpointManager, target: Any,
@@ -229,7 +236,7 @@ def save_state(workdir: str | Path, state: Any, config: ml_collections.ConfigDic
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / 'config.json').write_text(config.to_json(indent=2) + '\n')
   step = int(np.asarray(jax.device_get(state.step)))
-  manager = open_manager(workdir, max_to_keep=int(config.get('max_checkpoints', 3)))
+  manager = open_manager(workdir, max_to_keep=config.max_checkpoints)
   try:
     save(manager, step, state, config)
     manager.wait_until_finished()

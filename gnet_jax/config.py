@@ -8,6 +8,8 @@ on a disk without room for the checkpoints. Nothing here writes anything.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -37,8 +39,18 @@ def _float(lo: float, hi: float | None = None, lo_open: bool = False):
   return float, ok, f'a number {bound}' + (f' and <= {hi}' if hi is not None else '')
 
 
-def _choice(*choices):
-  return str, (lambda v: v in choices), 'one of ' + ', '.join(repr(c) for c in choices)
+@dataclasses.dataclass(frozen=True)
+class _OneOf:
+  """A rule's check for a key naming one of a few choices; ``choices(key)`` reads them back."""
+
+  choices: tuple[str, ...]
+
+  def __call__(self, value: Any) -> bool:
+    return value in self.choices
+
+
+def _choice(*choices: str) -> tuple[type, _OneOf, str]:
+  return str, _OneOf(choices), 'one of ' + ', '.join(repr(c) for c in choices)
 
 
 def _bool():
@@ -81,6 +93,32 @@ RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     'profile_steps': _int(0),
     'compilation_cache': _str(),
 }
+
+
+# Every key's default; a config file overrides some of them.
+DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / 'configs' / 'default.py'
+
+
+def choices(key: str) -> tuple[str, ...]:
+  """The names ``key`` allows, from ``RULES``: lookup tables keyed by them are tested against it."""
+  return RULES[key][1].choices
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """A fresh copy of ``configs/default.py``'s config (every key, its default value)."""
+  spec = importlib.util.spec_from_file_location('gnet_jax_default_config', DEFAULT_CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def with_defaults(saved: dict) -> dict:
+  """``saved`` (a checkpoint's config) with the keys it lacks taken from ``configs/default.py``.
+
+  A checkpoint written before a key existed behaved as that key's default, so
+  its config reads as if it had been saved with it.
+  """
+  return {**default_config().to_dict(), **saved}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -384,12 +384,14 @@ def import_to_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike,
   the aux heads, absent from the d2l model, start freshly initialised.
   Returns a summary (``in_channels``, ``num_classes``, ``notes``, ``checkpoint``).
   """
-  from gnet_jax import checkpoint, input_pipeline, state as state_lib  # late: not for NumPy use
+  from gnet_jax import (checkpoint, config as config_lib, input_pipeline,  # late: not for NumPy use
+                        state as state_lib)
 
+  config_lib.validate(config)
   state_dict, notes = load_torch_file(path, trust_pickle=trust_pickle)
   imported = params_from_torch(state_dict)
   in_channels, num_classes = state_dict_io(state_dict)
-  spec = input_pipeline.dataset_spec(config.get('dataset', 'fashion_mnist'))
+  spec = input_pipeline.dataset_spec(config.dataset)
   if num_classes != spec.num_classes:
     raise StateDictError(
         f'{path} classifies into {num_classes} classes (5.weight is '
@@ -443,7 +445,8 @@ export: writes the params of DIR's newest checkpoint (or --step N) as a PyTorch 
 
 
 def _default_config_path() -> str | None:
-  path = Path(__file__).resolve().parent.parent / 'configs' / 'default.py'
+  from gnet_jax import config as config_lib
+  path = config_lib.DEFAULT_CONFIG_FILE
   return str(path) if path.is_file() else None
 
 

@@ -24,13 +24,12 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-KERNELS = ('auto', 'xla', 'custom')
-
 
 def resolve(kernels: str, backend: str | None = None) -> str:
-  """``'xla'`` or ``'custom'`` for a ``kernels`` setting on ``backend`` (default: JAX's)."""
-  if kernels not in KERNELS:
-    raise ValueError(f'unknown kernels {kernels!r}; choose one of {", ".join(KERNELS)}')
+  """``'xla'`` or ``'custom'`` for a ``kernels`` setting on ``backend`` (default: JAX's).
+
+  ``kernels`` is ``config.kernels``, whose allowed values ``config.RULES`` checks.
+  """
   if kernels == 'auto':
     return 'custom' if (backend or jax.default_backend()) == 'cpu' else 'xla'
   return kernels

@@ -31,7 +31,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gnet_jax.errors import ConfigError, WorkdirError
 
-MODES = ('auto', 'none', 'pmap', 'sharded')
 PMAP_AXIS = 'batch'
 DATA_AXIS = 'data'
 
@@ -123,8 +122,7 @@ class Runner:
 
 
 def resolve_mode(mode: str, num_devices: int) -> str:
-  if mode not in MODES:
-    raise ConfigError(f'unknown parallelism {mode!r}; choose one of {", ".join(MODES)}')
+  """``config.parallelism`` (checked by ``config.validate``) with ``auto`` decided."""
   if mode == 'auto':
     return 'sharded' if num_devices > 1 else 'none'
   return mode
@@ -153,8 +151,8 @@ def select_devices(requested: int, devices: list | None = None) -> list:
 
 def make_runner(config: ml_collections.ConfigDict, devices: list | None = None) -> Runner:
   """The runner the config asks for; checks that the batch divides across devices."""
-  devices = select_devices(config.get('num_devices', 0), devices)
-  mode = resolve_mode(config.get('parallelism', 'auto'), len(devices))
+  devices = select_devices(config.num_devices, devices)
+  mode = resolve_mode(config.parallelism, len(devices))
   if mode == 'none':
     if jax.process_count() > 1:
       raise ConfigError(f'parallelism none runs on one device but there are '
@@ -208,10 +206,10 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
   and ``process_id`` set it up by hand (e.g. two processes on 127.0.0.1).
   Must run before anything touches a device.
   """
-  if not config.get('distributed', False):
+  if not config.distributed:
     return
   kwargs = {}
-  if config.get('coordinator_address', ''):
+  if config.coordinator_address:
     kwargs = dict(coordinator_address=config.coordinator_address,
                   num_processes=config.num_processes, process_id=config.process_id)
   jax.distributed.initialize(**kwargs)

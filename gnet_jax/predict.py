@@ -20,7 +20,7 @@ Each file is converted the way the dataset's images look:
   A 28x28 image (e.g. a test image saved as PNG) passes through unchanged.
 
 The model then sees it exactly as in training and evaluation:
-``train.preprocess`` scales to [0, 1] and resizes to the run's ``image_size``
+``input_pipeline.preprocess`` scales to [0, 1] and resizes to the run's ``image_size``
 on the device.
 """
 
@@ -106,16 +106,16 @@ def _batch_size(n: int) -> int:
 def make_predict_fn(model: Any, params: Any, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
   """uint8 NHWC images -> softmax probabilities [N, classes], with one jitted forward pass.
 
-  The same preprocessing as training (``train.preprocess``), in fixed-size
+  The same preprocessing as training (``input_pipeline.preprocess``), in fixed-size
   padded batches so that the number of images does not trigger recompiles.
   """
   import jax
 
-  from gnet_jax import train
+  from gnet_jax import input_pipeline
 
   @jax.jit
   def probabilities(params, images):
-    logits = model.apply({'params': params}, train.preprocess(images, image_size))
+    logits = model.apply({'params': params}, input_pipeline.preprocess(images, image_size))
     return jax.nn.softmax(logits.astype(np.float32), axis=-1)
 
   params = jax.device_put(params)
@@ -160,7 +160,7 @@ def predict_images(workdir: str | Path, paths: Sequence[str | os.PathLike],
     if pixels.shape != tuple(spec.image_shape):
       raise DatasetError(f'{p}: converted to {pixels.shape}, but {config.dataset} images are '
                          f'{spec.image_shape}')
-  xla_flags.enable_compilation_cache(config.get('compilation_cache', 'auto'))
+  xla_flags.enable_compilation_cache(config.compilation_cache)
   model = state_lib.create_model(config, spec)
   predict = make_predict_fn(model, host_state.params, config.image_size)
   probs = predict(np.stack([pixels for pixels, _ in loaded]))

@@ -18,10 +18,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from gnet_jax import checkpoint, input_pipeline, models
-from gnet_jax.errors import ConfigError
+from gnet_jax import checkpoint, config as config_lib, input_pipeline, models
 
+# Validated names (``config.RULES``) -> what they stand for.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+OPTIMIZERS = {
+    'sgd': lambda c: optax.sgd(c.learning_rate, momentum=c.momentum or None,
+                               nesterov=c.nesterov),
+    'adam': lambda c: optax.adam(c.learning_rate),
+}
 
 
 @flax.struct.dataclass
@@ -47,10 +52,9 @@ def zero_metrics() -> dict[str, np.ndarray]:
 
 def create_model(config: ml_collections.ConfigDict,
                  spec: input_pipeline.DatasetSpec) -> models.GoogLeNet:
-  if config.dtype not in DTYPES:
-    raise ConfigError(f'dtype {config.dtype!r} is not allowed; choose float32 or bfloat16')
+  """GoogLeNet for ``config`` (checked by ``config.validate``) and the dataset's classes."""
   return models.GoogLeNet(num_classes=spec.num_classes, aux_heads=config.aux_weight > 0,
-                          dtype=DTYPES[config.dtype], kernels=config.get('kernels', 'auto'))
+                          dtype=DTYPES[config.dtype], kernels=config.kernels)
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -59,13 +63,7 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
   Adam gets this normalisation-free network off its initial plateau within a
   few hundred steps, where SGD needs a few epochs; the quickstart uses it.
   """
-  name = config.get('optimizer', 'sgd')
-  if name == 'sgd':
-    return optax.sgd(config.learning_rate, momentum=config.momentum or None,
-                     nesterov=bool(config.get('nesterov', False)))
-  if name == 'adam':
-    return optax.adam(config.learning_rate)
-  raise ConfigError(f"optimizer {name!r} is not allowed; choose 'sgd' or 'adam'")
+  return OPTIMIZERS[config.optimizer](config)
 
 
 def _path_seed(seed: int, path: tuple) -> list[int]:
@@ -89,10 +87,9 @@ def init_params(model: nn.Module, seed: int, image_shape: Sequence[int],
   parameter's name, never on the device count, backend or the other leaves.
   ``bias_init='torch'`` draws biases uniform in +-1/sqrt(fan_in), PyTorch's
   default for Conv2d and Linear (the d2l original re-initialises only weights).
-  Returns host (NumPy) arrays.
+  Returns host (NumPy) arrays. ``bias_init`` is ``config.bias_init``, checked by
+  ``config.validate``.
   """
-  if bias_init not in ('zeros', 'torch'):
-    raise ConfigError(f"bias_init {bias_init!r} is not allowed; choose 'zeros' or 'torch'")
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   abstract = jax.eval_shape(model.init, jax.random.key(0), x)['params']
   flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
@@ -131,7 +128,7 @@ def create_train_state(config: ml_collections.ConfigDict, spec: input_pipeline.D
   """The initial state, on the host: placement is the runner's job."""
   size = config.image_size
   params = init_params(model, config.seed, (size, size, spec.image_shape[-1]),
-                       config.get('bias_init', 'zeros'))
+                       config.bias_init)
   opt_state = init_opt_state(tx, params)
   return TrainState(step=np.int32(0), params=params, opt_state=opt_state,
                     rng=np.asarray(jax.random.key_data(jax.random.key(config.seed))),
@@ -150,9 +147,11 @@ def load_checkpoint(workdir: str | Path, step: int | None = None
                     ) -> tuple[TrainState, ml_collections.ConfigDict, int]:
   """The newest readable (or exactly ``step``'s) checkpoint of ``workdir``, on the host.
 
-  The state's structure comes from the config saved with the checkpoint.
-  Returns ``(state, config, step)``; raises ``CheckpointError`` when there is none.
+  The state's structure comes from the config saved with the checkpoint
+  (checked like any other, ``config.validate``). Returns ``(state, config,
+  step)``; raises ``CheckpointError`` when there is none.
   """
   config = checkpoint.read_newest_config(workdir, step)
+  config_lib.validate(config)
   state, _, restored_step = checkpoint.restore_from_workdir(workdir, build(config)[2], step)
   return state, config, restored_step

@@ -29,18 +29,6 @@ from gnet_jax.state import TrainState
 AfterStep = Callable[[int], None]
 
 
-def preprocess(images: jax.Array, image_size: int) -> jax.Array:
-  """uint8 NHWC at stored size -> float32 in [0, 1] at ``image_size`` (on device).
-
-  Bilinear with antialiasing, as torchvision's ``Resize`` does by default.
-  """
-  x = images.astype(jnp.float32) / 255.0
-  if x.shape[1:3] != (image_size, image_size):
-    x = jax.image.resize(x, (x.shape[0], image_size, image_size, x.shape[3]),
-                         method='bilinear', antialias=True)
-  return x
-
-
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
@@ -61,7 +49,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Any,
   ``axis_name``: gradients are averaged with ``pmean`` and metric sums added
   with ``psum``, so the result equals a single-device step on the whole batch.
   """
-  images = preprocess(batch['image'], image_size)
+  images = input_pipeline.preprocess(batch['image'], image_size)
   labels = batch['label']
   batch_size = labels.shape[0]
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -96,7 +84,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Any,
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: Any, image_size: int,
               num_classes: int = 10, axis_name: str | None = None) -> dict[str, jax.Array]:
   """Sums over the real (unmasked) examples of ``batch``: loss, correct, count and confusion."""
-  logits = model.apply({'params': params}, preprocess(batch['image'], image_size))
+  logits = model.apply({'params': params}, input_pipeline.preprocess(batch['image'], image_size))
   mask, labels = batch['mask'], batch['label']
   predicted = jnp.argmax(logits, -1)
   losses = cross_entropy(logits, labels)

@@ -46,6 +46,7 @@ def test_every_default_key_has_a_rule_and_passes():
     ('optimizer', 'rmsprop', "one of 'sgd', 'adam'"),
     ('parallelism', 'tpu', "one of 'auto', 'none', 'pmap', 'sharded'"),
     ('dataset', 'cifar', "one of 'mnist', 'fashion_mnist'"),
+    ('data_source', 'web', "one of 'auto', 'idx', 'tfds'"),
     ('bias_init', 'ones', "one of 'zeros', 'torch'"),
 ])
 def test_out_of_range_values_name_key_value_and_allowed(key, value, allowed):
@@ -84,18 +85,38 @@ def test_wrong_types_and_combinations():
     config_lib.validate(config)
 
 
+def _last_map_shape(model: models.GoogLeNet, size: int) -> tuple[int, ...]:
+  """The shape of b4's output, the last map before the global pool (an abstract trace)."""
+  x = jax.ShapeDtypeStruct((2, size, size, 1), jnp.float32)
+  params = jax.eval_shape(model.init, jax.random.key(0), x)
+  run = lambda p, x: model.apply(p, x, capture_intermediates=True, mutable=True)[1]
+  return jax.eval_shape(run, params, x)['intermediates']['b4']['__call__'][0][0].shape
+
+
 def test_min_image_size_is_the_true_minimum():
-  """Every stage pads, so a 1x1 image reaches the classifier; 0 does not."""
+  """Every stage pads, so a 1x1 image reaches the classifier as a 1x1 map; 0 leaves no pixel."""
+  size = config_lib.MIN_IMAGE_SIZE
   for aux in (False, True):
     model = models.GoogLeNet(aux_heads=aux)
-    x = jax.ShapeDtypeStruct((2, config_lib.MIN_IMAGE_SIZE, config_lib.MIN_IMAGE_SIZE, 1),
-                             jnp.float32)
+    x = jax.ShapeDtypeStruct((2, size, size, 1), jnp.float32)
     params = jax.eval_shape(model.init, jax.random.key(0), x)
     out = jax.eval_shape(lambda p, x: model.apply(p, x, train=True), params, x)
     assert (out[0] if aux else out).shape == (2, 10)
-  with pytest.raises(Exception):
-    jax.eval_shape(models.GoogLeNet().init, jax.random.key(0),
-                   jax.ShapeDtypeStruct((2, 0, 0, 1), jnp.float32))
+  # The stock ops trace even an empty image, so the map itself shows the limit.
+  assert _last_map_shape(models.GoogLeNet(kernels='xla'), size) == (2, 1, 1, 832)
+  assert _last_map_shape(models.GoogLeNet(kernels='xla'), size - 1) == (2, 0, 0, 832)
+
+
+def test_choices_and_defaults_come_from_the_one_table_and_file():
+  assert config_lib.choices('kernels') == ('auto', 'xla', 'custom')
+  assert config_lib.choices('data_source') == ('auto', 'idx', 'tfds')
+  assert config_lib.default_config() == default.get_config()
+  # An older checkpoint's config: the keys it lacks read as their defaults, the rest as saved.
+  old = {k: v for k, v in quickstart.get_config().to_dict().items()
+         if k not in ('bias_init', 'compilation_cache')}
+  filled = config_lib.with_defaults(old)
+  assert filled == quickstart.get_config().to_dict()
+  config_lib.validate(ml_collections.ConfigDict(filled))
 
 
 def test_workdir_checks(tmp_path, monkeypatch):

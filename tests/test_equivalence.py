@@ -136,7 +136,7 @@ def batch():
 
 
 def torch_images(images: np.ndarray) -> torch.Tensor:
-  """The same float32 pixels ``train.preprocess`` computes (no resize at stored size)."""
+  """The same float32 pixels ``input_pipeline.preprocess`` computes (no resize at stored size)."""
   return torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).float() / 255.0
 
 

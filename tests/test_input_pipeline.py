@@ -84,15 +84,12 @@ def test_bad_files_give_clear_errors(idx_dir, tmp_path, case, expected):
     assert str(folder) in message  # names the file
 
 
-def test_missing_folder_and_unknown_names(tmp_path):
+def test_missing_folder_and_files(tmp_path):
+  # Unknown dataset or data_source names are config.validate's (tests/test_config.py).
   with pytest.raises(ip.DatasetError, match='does not exist'):
     ip.load_dataset('mnist', 'idx', str(tmp_path / 'nowhere'))
   with pytest.raises(ip.DatasetError, match='no IDX files for mnist'):
     ip.load_dataset('mnist', 'idx', str(tmp_path))
-  with pytest.raises(ip.DatasetError, match='unknown dataset'):
-    ip.load_dataset('cifar10')
-  with pytest.raises(ip.DatasetError, match='unknown data_source'):
-    ip.load_dataset('mnist', 'web')
 
 
 def test_auto_prefers_idx_in_data_dir(idx_dir):
@@ -146,3 +143,15 @@ def test_eval_batches_cover_every_example_once(process_count):
       assert batch['image'].shape == (8 // process_count, 28, 28, 1)
       seen.extend(batch['label'][batch['mask']].tolist())
   assert sorted(seen) == sorted(labels.tolist())
+
+
+def test_preprocess_matches_torch_antialiased_bilinear_resize():
+  torch = pytest.importorskip('torch')
+  images = make_images(2, seed=1)[0][..., None]
+  for size in (96, 20):  # up and down (where antialiasing matters)
+    ours = np.asarray(ip.preprocess(images, size))
+    theirs = torch.nn.functional.interpolate(
+        torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, size=(size, size),
+        mode='bilinear', antialias=True, align_corners=False).permute(0, 2, 3, 1).numpy()
+    assert ours.dtype == np.float32 and ours.shape == (2, size, size, 1)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)

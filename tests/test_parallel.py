@@ -163,11 +163,10 @@ def test_batch_not_divisible_is_a_clear_error(mode):
     parallel.make_runner(make_config(parallelism=mode, num_devices=4, batch_size=6))
 
 
-def test_bad_num_devices_and_mode():
+def test_bad_num_devices():
+  # An unknown parallelism is config.validate's (tests/test_config.py).
   with pytest.raises(ConfigError, match='num_devices 9'):
     parallel.make_runner(make_config(num_devices=9))
-  with pytest.raises(ConfigError, match='unknown parallelism'):
-    parallel.make_runner(make_config(parallelism='tpu'))
 
 
 # ----------------------------------------------------------------------------- eval

@@ -53,7 +53,7 @@ def logits_fn(setup):
   """Jitted forward pass of the same network."""
   model = setup[1]
   return jax.jit(lambda params, images: model.apply({'params': params},
-                                                     train.preprocess(images, 28)))
+                                                     input_pipeline.preprocess(images, 28)))
 
 
 def test_loss_goes_down_on_a_fixed_batch(setup, batch):
@@ -154,22 +154,10 @@ def test_aux_heads_enter_the_training_loss(batch):
                          new.params[head])
     assert max(jax.tree.leaves(moved)) > 0, head
   # The reported training loss is the main head's cross-entropy.
-  logits = jax.jit(lambda p, x: model.apply({'params': p}, train.preprocess(x, 28)))(
+  logits = jax.jit(lambda p, x: model.apply({'params': p}, input_pipeline.preprocess(x, 28)))(
       state.params, batch['image'])
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
   np.testing.assert_allclose(float(new.metrics['loss_sum']), float(loss) * BATCH, rtol=1e-5)
-
-
-def test_preprocess_matches_torch_antialiased_bilinear_resize():
-  torch = pytest.importorskip('torch')
-  images = make_images(2, seed=1)[0][..., None]
-  for size in (96, 20):  # up and down (where antialiasing matters)
-    ours = np.asarray(train.preprocess(images, size))
-    theirs = torch.nn.functional.interpolate(
-        torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, size=(size, size),
-        mode='bilinear', antialias=True, align_corners=False).permute(0, 2, 3, 1).numpy()
-    assert ours.dtype == np.float32 and ours.shape == (2, size, size, 1)
-    np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- the loop
