@@ -456,8 +456,9 @@ def module_map() -> list[tuple[str, set[str]]]:
 def test_module_map_has_one_row_per_module():
   documented = [name for name, _ in module_map()]
   assert len(documented) == len(set(documented)), 'a module has two rows'
-  assert not set(MODULES) - set(documented), 'modules without a row in docs/architecture.md'
-  assert not set(documented) - set(MODULES), 'rows for modules that do not exist'
+  unlisted, extra = sorted(set(MODULES) - set(documented)), sorted(set(documented) - set(MODULES))
+  assert not unlisted, f'modules without a row in docs/architecture.md: {unlisted}'
+  assert not extra, f'rows in docs/architecture.md for modules that do not exist: {extra}'
 
 
 def test_module_map_imports_are_the_import_graph():
@@ -482,12 +483,14 @@ def test_modules_without_a_test_file_are_the_ones_the_docs_name():
   named = {s for s in code_spans(paragraph_with(text, '`tests/test_<module>.py`'))
            if s in MODULES}
   missing = {m for m in MODULES if not (REPO / 'tests' / f'test_{m}.py').exists()}
-  assert named == missing
+  assert named == missing, (f'docs/architecture.md says {sorted(named)} have no test file; '
+                            f'the modules without one are {sorted(missing)}')
 
 
 def test_readme_project_layout_names_every_module():
   text = section(README.read_text(), '## Project layout')
-  assert {s for s in code_spans(text) if s in MODULES} == set(MODULES)
+  unnamed = sorted(set(MODULES) - set(code_spans(text)))
+  assert not unnamed, f"the README's project layout does not name {unnamed}"
 
 
 # ----------------------------------------------------------------------------- names and paths
@@ -551,4 +554,6 @@ def test_readme_lists_every_key_that_may_change_on_resume():
   paragraph = paragraph_with(README.read_text(), '`checkpoint.RESUMABLE_CHANGES`')
   bullet = paragraph[paragraph.index('**Config changes**'):].split('\n- ')[0]
   keys = set(default_config().keys())
-  assert {s for s in code_spans(bullet) if s in keys} == resumable_changes()
+  listed, resumable = {s for s in code_spans(bullet) if s in keys}, resumable_changes()
+  assert listed == resumable, (f'README lists {sorted(listed - resumable)} that may not change, '
+                               f'omits {sorted(resumable - listed)} that may')
