@@ -9,8 +9,11 @@ docs/performance.md): a max-pool whose forward pass is one elementwise fusion
 and whose gradient avoids select-and-scatter, 'same' convolutions as im2col
 matmuls on maps not larger than their kernel, the three 1x1 convolutions that
 read an Inception block's input as one matmul, and dead kernel taps sliced
-away. They are ``jax.custom_vjp`` functions, so they allow reverse-mode
-differentiation only.
+away. The max-pool and the small-map convolution are ``jax.custom_jvp``
+functions whose tangent is a linear map of stock ops chosen so that JAX's own
+transposition of it is the fast gradient. So they support every transformation
+the stock ops do (forward and reverse mode, ``vmap``, any order), with the
+same values (tested in ``tests/test_ops.py`` and ``tests/test_transformations.py``).
 
 ``auto`` (the default) picks ``custom`` on CPU and ``xla`` elsewhere. Both give
 the same values and gradients up to float32 rounding (tested).
@@ -54,55 +57,75 @@ def _window_views(x: jax.Array, stride: int) -> list[jax.Array]:
           for di in range(3) for dj in range(3)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _max_pool_3x3_custom(x: jax.Array, stride: int) -> jax.Array:
   # The elementwise maximum of the 9 views is one loop fusion; XLA:CPU's
   # reduce-window was slower in the train step.
   return functools.reduce(jnp.maximum, _window_views(x, stride))
 
 
-def _max_pool_fwd(x, stride):
-  views = _window_views(x, stride)
-  y = functools.reduce(jnp.maximum, views)
-  # Window offset (0..8) of each output's first maximum in window order, the
-  # element PyTorch's max-pool routes the gradient to. int8 keeps the residual
-  # at a quarter of y's size.
+def _first_max_offsets(views: list[jax.Array], y: jax.Array) -> jax.Array:
+  """Window offset (0..8) of each output's first maximum in window order.
+
+  That is the element PyTorch's max-pool routes the gradient to. int8 keeps it
+  at a quarter of ``y``'s size.
+  """
   first = jnp.full(y.shape, 8, jnp.int8)
   for k in range(7, -1, -1):
     first = jnp.where(views[k] == y, jnp.int8(k), first)
-  return y, (first, x.shape)
+  return first
 
 
-def _max_pool_bwd(stride, residuals, g):
-  """Each input sums the gradients of the outputs whose first maximum it is.
+def _spread(stride: int, h: int, w: int, ho: int, wo: int):
+  """Padding that puts output ``o`` at ``2 + stride * o`` on an ``(h + 4) x (w + 4)`` grid.
 
-  XLA:CPU lowers the stock gradient (select-and-scatter) to reduce-window +
-  iota + scatter, about a third of a 96x96 training step. Here it is
-  elementwise: 9 shifted reads of the spread-out output gradient and window
-  offsets, compared and summed in one loop fusion.
+  Output ``o`` reads padded input ``q = stride * o + d`` at window offset ``d``,
+  so on this grid input ``i`` (``q = i + 1``) meets the output that read it at
+  offset ``d`` at index ``i + 3 - d``: nine plain shifts, no strides.
   """
-  first, (_, h, w, _) = residuals
-  ho, wo = g.shape[1:3]
-  # Output o reads padded input q = stride * o + d at offset d. Spread the
-  # outputs `stride` apart and pad by 2: then input i (q = i + 1) meets the
-  # output that read it at offset d at index i + 3 - d.
-  spread = ((0, 0, 0), (2, h + 1 - stride * (ho - 1), stride - 1),
-            (2, w + 1 - stride * (wo - 1), stride - 1), (0, 0, 0))
-  g_spread = jax.lax.pad(g, jnp.zeros((), g.dtype), spread)
+  return ((0, 0, 0), (2, h + 1 - stride * (ho - 1), stride - 1),
+          (2, w + 1 - stride * (wo - 1), stride - 1), (0, 0, 0))
+
+
+@_max_pool_3x3_custom.defjvp
+def _max_pool_jvp(stride, primals, tangents):
+  (x,), (x_dot,) = primals, tangents
+  views = _window_views(x, stride)
+  y = functools.reduce(jnp.maximum, views)
+  return y, _max_pool_tangent(x_dot, _first_max_offsets(views, y), stride)
+
+
+def _max_pool_tangent(x_dot: jax.Array, first: jax.Array, stride: int) -> jax.Array:
+  """Each output's tangent is the input tangent at its first maximum.
+
+  Written as the transpose of the gradient we want, so that reverse mode (JAX
+  transposes this linear map) is elementwise: XLA:CPU lowers the stock gradient
+  (select-and-scatter) to reduce-window + iota + scatter, about a third of a
+  96x96 training step. Transposed, this reads: spread the output gradient onto
+  the grid of ``_spread`` once, then each input sums the 9 shifted gradients
+  whose first maximum it is, in one loop fusion.
+  """
+  n, h, w, c = x_dot.shape
+  ho, wo = first.shape[1:3]
+  spread = _spread(stride, h, w, ho, wo)
   first_spread = jax.lax.pad(first, jnp.int8(-1), spread)
-  # Materialise the two padded arrays: fused into the sum below, each of its
-  # 9 reads would re-evaluate the padding bounds (1.12x slower step at 96x96).
-  g_spread, first_spread = jax.lax.optimization_barrier((g_spread, first_spread))
-  dx = None
+  grid_h, grid_w = first_spread.shape[1:3]
+  total = None
   for di in range(3):
     for dj in range(3):
-      window = (slice(None), slice(3 - di, 3 - di + h), slice(3 - dj, 3 - dj + w))
-      term = jnp.where(first_spread[window] == 3 * di + dj, g_spread[window], 0)
-      dx = term if dx is None else dx + term
-  return (dx,)
-
-
-_max_pool_3x3_custom.defvjp(_max_pool_fwd, _max_pool_bwd)
+      # Placing x_dot at offset (3 - di, 3 - dj) transposes to reading window (di, dj).
+      placed = jax.lax.pad(x_dot, jnp.zeros((), x_dot.dtype),
+                           ((0, 0, 0), (3 - di, grid_h - 3 + di - h, 0),
+                            (3 - dj, grid_w - 3 + dj - w, 0), (0, 0, 0)))
+      term = jnp.where(first_spread == 3 * di + dj, placed, jnp.zeros((), x_dot.dtype))
+      total = term if total is None else total + term
+  # Transposed, this barrier materialises the spread gradient: fused into the sum,
+  # each of its 9 reads would re-evaluate the padding bounds (1.12x slower step at 96x96).
+  total = jax.lax.optimization_barrier(total)
+  # The transpose of spreading the outputs: take every stride-th element from 2 on.
+  return jax.lax.slice(total, (0, 2, 2, 0),
+                       (n, 3 + stride * (ho - 1), 3 + stride * (wo - 1), c),
+                       (1, stride, stride, 1))
 
 
 def max_pool_3x3(x: jax.Array, stride: int, kernels: str = 'auto') -> jax.Array:
@@ -142,31 +165,29 @@ def _map_larger_than_kernel(x: jax.Array, kernel: jax.Array) -> bool:
   return x.shape[1] > kernel.shape[0] and x.shape[2] > kernel.shape[1]
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _conv_same_custom(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Stride-1 'same' convolution: XLA's own on large maps, im2col matmuls on small ones."""
+  return _conv_same_by_map_size(x, kernel)
+
+
+def _conv_same_by_map_size(x: jax.Array, kernel: jax.Array) -> jax.Array:
   if _map_larger_than_kernel(x, kernel):
     return _lax_conv(x, kernel)
   return _im2col_conv(x, kernel)
 
 
-def _conv_same_fwd(x, kernel):
-  return _conv_same_custom(x, kernel), (x, kernel)
-
-
-def _conv_same_bwd(residuals, g):
-  x, kernel = residuals
-  # XLA's own kernel gradient beat dW as one matmul over im2col patches inside
-  # the whole train step (1.10x at 96x96), the patches being a 9x/25x copy.
-  dkernel = jax.vjp(lambda k: _lax_conv(x, k), kernel)[1](g)[0]
-  if _map_larger_than_kernel(x, kernel):  # XLA's own input gradient is fast here (1.1x at 96)
-    dx = jax.vjp(lambda v: _lax_conv(v, kernel), x)[1](g)[0]
-  else:  # the 'same' conv of g with the kernel flipped in space and in/out swapped
-    dx = _im2col_conv(g, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)))
-  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
-
-
-_conv_same_custom.defvjp(_conv_same_fwd, _conv_same_bwd)
+@_conv_same_custom.defjvp
+def _conv_same_jvp(primals, tangents):
+  (x, kernel), (x_dot, kernel_dot) = primals, tangents
+  # Linear in each tangent; JAX transposes these two terms into the gradient:
+  # the input's through the same form as the forward pass (XLA's own conv
+  # gradient on large maps, 1.1x at 96x96; a matmul on small ones), the
+  # kernel's always through XLA's own kernel gradient, which beat dW as one
+  # matmul over im2col patches inside the train step (1.10x at 96x96), the
+  # patches being a 9x/25x copy.
+  y_dot = _conv_same_by_map_size(x_dot, kernel) + _lax_conv(x, kernel_dot)
+  return _conv_same_custom(x, kernel), y_dot
 
 
 def _live_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:

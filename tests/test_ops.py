@@ -1,5 +1,7 @@
 """gnet_jax.ops: the hand-written ('custom') kernels equal XLA's stock ('xla') ones."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -104,14 +106,30 @@ def test_conv_1x1_shared_input_splits_like_separate_convs():
   chex.assert_trees_all_close(fused, separate, atol=1e-5)
 
 
-def test_forward_mode_needs_xla_kernels():
-  """``custom_vjp`` blocks forward mode; the 'xla' kernels allow it, and agree with reverse mode."""
-  x, kernel, bias, g = _conv_case(4, 3)
-  f = lambda v: jnp.vdot(ops.conv(ops.max_pool_3x3(v, 1, 'xla'), kernel, bias, kernels='xla'), g)
-  _, tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))
-  np.testing.assert_allclose(tangent, jnp.sum(jax.grad(f)(x)), rtol=1e-4)
-  with pytest.raises(TypeError, match='custom_vjp'):
-    jax.jvp(lambda v: ops.max_pool_3x3(v, 1, 'custom'), (x,), (x,))
+@pytest.mark.parametrize('hw,k', [(6, 3), (2, 3), (3, 5)])  # large and small maps
+@pytest.mark.parametrize('stride', [1, 2])
+def test_forward_mode_agrees_between_kernels(hw, k, stride):
+  """``jvp``, ``jacfwd`` and ``linearize`` through conv and pool: 'custom' equals 'xla'."""
+  x, kernel, bias, _ = _conv_case(hw, k)
+  x_dot, kernel_dot = jnp.cos(x), jnp.sin(kernel)
+
+  def f(kind, v, kern):
+    return ops.max_pool_3x3(ops.conv(v, kern, bias, kernels=kind), stride, kind)
+
+  def transforms(kind):
+    g = functools.partial(f, kind)
+    _, tangent = jax.jvp(g, (x, kernel), (x_dot, kernel_dot))
+    _, linear = jax.linearize(g, x, kernel)
+    along = lambda t: g(x + t[0] * x_dot, kernel + t[1] * kernel_dot)
+    return tangent, linear(x_dot, kernel_dot), jax.jacfwd(along)(jnp.zeros(2))
+
+  with jax.default_matmul_precision('float32'):
+    custom, xla = transforms('custom'), transforms('xla')
+  assert float(jnp.abs(xla[0]).max()) > 0.1  # a real tangent, not zeros
+  chex.assert_trees_all_close(custom, xla, rtol=1e-5, atol=1e-4)
+  chex.assert_trees_all_close(custom[1], custom[0], rtol=1e-5, atol=1e-4)  # linearize == jvp
+  # jacfwd's two columns are the tangents along each argument alone; they add up to jvp's.
+  np.testing.assert_allclose(custom[2].sum(-1), custom[0], rtol=1e-4, atol=1e-4)
 
 
 def test_second_order_agrees_between_kernels():
