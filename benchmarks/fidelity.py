@@ -9,7 +9,7 @@ converted with ``gnet_jax.interop.params_to_torch`` and loaded into the d2l
 PyTorch GoogLeNet of ``tests/torch_reference.py``) and see the **same batches
 in the same order** (``gnet_jax.input_pipeline.train_batches``, the order
 ``train.py`` uses). Each uint8 batch is turned into float32 pixels once, by
-gnet-jax's own ``train.preprocess`` (jitted), and PyTorch gets that very array
+gnet-jax's own ``input_pipeline.preprocess`` (jitted), and PyTorch gets that very array
 in NCHW, so the inputs are bitwise equal. gnet-jax trains with the real
 ``train.train_step``; PyTorch with ``torch.optim.SGD`` (or ``Adam``, mirroring
 the config) and ``nn.CrossEntropyLoss()``.
@@ -45,6 +45,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -117,13 +118,11 @@ def load_config(path: str, overrides: list[str]):
 def check_recipe(config) -> None:
   """Refuses what the PyTorch reference cannot mirror, naming it."""
   unsupported = []
-  if float(config.get('aux_weight', 0.0)) > 0:
+  if config.aux_weight > 0:
     unsupported.append(f'aux_weight={config.aux_weight} (auxiliary heads: the d2l original '
                        'has none)')
-  if config.get('dtype', 'float32') != 'float32':
+  if config.dtype != 'float32':
     unsupported.append(f'dtype={config.dtype} (the comparison is in float32)')
-  if config.get('optimizer', 'sgd') not in ('sgd', 'adam'):
-    unsupported.append(f'optimizer={config.optimizer}')
   if unsupported:
     raise UsageError('not supported by the side-by-side comparison: ' + '; '.join(unsupported) +
                      ' (set --config.aux_weight=0 / --config.dtype=float32)')
@@ -131,11 +130,10 @@ def check_recipe(config) -> None:
 
 def torch_optimizer(torch, config, parameters):
   """The PyTorch twin of ``state.create_optimizer(config)``."""
-  if config.get('optimizer', 'sgd') == 'adam':
+  if config.optimizer == 'adam':
     return torch.optim.Adam(parameters, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)
-  return torch.optim.SGD(parameters, lr=config.learning_rate,
-                         momentum=float(config.get('momentum', 0.0) or 0.0),
-                         nesterov=bool(config.get('nesterov', False)))
+  return torch.optim.SGD(parameters, lr=config.learning_rate, momentum=float(config.momentum),
+                         nesterov=config.nesterov)
 
 
 def machine_lines(torch, torch_device: str) -> list[str]:
@@ -185,9 +183,9 @@ def setup_torch(torch, device: str) -> None:
 
 def load_data(config, data_dir: str | None):
   from gnet_jax import input_pipeline
-  source = 'idx' if data_dir else config.get('data_source', 'auto')
-  return input_pipeline.load_dataset(config.dataset, source, data_dir or config.get('data_dir')
-                                     or None, config.train_examples, config.eval_examples)
+  source = 'idx' if data_dir else config.data_source
+  return input_pipeline.load_dataset(config.dataset, source, data_dir or config.data_dir or None,
+                                     config.train_examples, config.eval_examples)
 
 
 def torch_net(torch, params, in_channels: int, num_classes: int, device: str):
@@ -203,8 +201,8 @@ def torch_net(torch, params, in_channels: int, num_classes: int, device: str):
 @functools.cache
 def jitted_preprocess(image_size: int):
   import jax
-  from gnet_jax import train
-  return jax.jit(functools.partial(train.preprocess, image_size=image_size))
+  from gnet_jax import input_pipeline
+  return jax.jit(functools.partial(input_pipeline.preprocess, image_size=image_size))
 
 
 def torch_input(torch, images_uint8, image_size: int, device: str):
@@ -311,147 +309,244 @@ def side_by_side(args, config, torch) -> dict:
 
 
 def _side_by_side(args, config, torch, device: str) -> dict:
-  import jax
-  import jax.numpy as jnp
-  from gnet_jax import input_pipeline, state as state_lib, train
-
+  """Set both networks up from one start, train them in lockstep, sum the run up."""
   header = machine_lines(torch, device)
   for line in header:
     print(line)
-
   data = load_data(config, args.data_dir)
+  steps_per_epoch, total_steps = run_length(args, config, data)
+  print_setup(config, data, steps_per_epoch, total_steps)
+  sides = Sides.create(torch, config, data, device, args.control)
+  trace = Trace.empty(args.control)
+  t0 = time.perf_counter()
+  print_columns(args.control)
+  train_in_lockstep(args, config, data, sides, trace, steps_per_epoch, total_steps)
+  result = summarize(header, config, device, steps_per_epoch, trace, time.perf_counter() - t0)
+  print_summary(result)
+  return result
+
+
+def run_length(args, config, data) -> tuple[int, int]:
+  """Steps per epoch and steps to train (``--steps``, else ``--epochs`` whole epochs)."""
+  from gnet_jax import input_pipeline
   n_train = len(data.train_labels)
   steps_per_epoch = input_pipeline.steps_per_epoch(n_train, config.batch_size)
   if steps_per_epoch == 0:
     raise UsageError(f'batch_size {config.batch_size} is larger than the training set '
                      f'({n_train} examples); lower --config.batch_size or raise --train_examples')
-  total_steps = args.steps if args.steps else args.epochs * steps_per_epoch
-  size, batch_size = config.image_size, config.batch_size
-  print(f'data: {data.source} ({n_train} train, {len(data.test_labels)} test), '
-        f'{size}x{size}, batch {batch_size}, {total_steps} steps ({steps_per_epoch}/epoch)')
-  recipe = (f"{config.get('optimizer', 'sgd')} lr {config.learning_rate}"
-            + (f", momentum {config.momentum}" if config.get('momentum') else '')
-            + (', nesterov' if config.get('nesterov') else '') + f', seed {config.seed}'
-            + f", bias_init {config.get('bias_init', 'zeros')}")
+  return steps_per_epoch, args.steps if args.steps else args.epochs * steps_per_epoch
+
+
+def print_setup(config, data, steps_per_epoch: int, total_steps: int) -> None:
+  size = config.image_size
+  print(f'data: {data.source} ({len(data.train_labels)} train, {len(data.test_labels)} test), '
+        f'{size}x{size}, batch {config.batch_size}, {total_steps} steps '
+        f'({steps_per_epoch}/epoch)')
+  recipe = (f'{config.optimizer} lr {config.learning_rate}'
+            + (f', momentum {config.momentum}' if config.momentum else '')
+            + (', nesterov' if config.nesterov else '') + f', seed {config.seed}'
+            + f', bias_init {config.bias_init}')
   print(f'recipe: {recipe}')
 
-  model, tx, host_state = state_lib.build(config)
-  net = torch_net(torch, host_state.params, data.image_shape[-1], model.num_classes, device)
-  optimizer = torch_optimizer(torch, config, net.parameters())
-  criterion = torch.nn.CrossEntropyLoss()
-  control = None
-  if args.control:  # PyTorch against itself, from nearly the same weights
-    control = torch_net(torch, nudge_one_ulp(host_state.params, config.seed), data.image_shape[-1],
-                        model.num_classes, device)
-    control_opt = torch_optimizer(torch, config, control.parameters())
 
-  def step(s, batch):
-    s = s.replace(metrics=jax.tree.map(jnp.zeros_like, s.metrics))  # this step's sums only
-    s = train.train_step(s, batch, model=model, tx=tx, image_size=size)
-    return s, s.metrics['loss_sum'] / s.metrics['count'].astype(jnp.float32)
+@dataclasses.dataclass
+class Sides:
+  """gnet-jax and the PyTorch original (and with ``--control`` a second PyTorch copy)."""
 
-  step_fn = jax.jit(step, donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(train.eval_step, model=model, image_size=size))
-  jstate = jax.device_put(host_state)
+  torch: Any
+  device: str
+  image_size: int
+  state: Any  # gnet-jax's TrainState, on device
+  step_fn: Callable  # (state, batch) -> (state, this step's mean loss)
+  eval_fn: Callable  # (params, batch) -> sums
+  net: Any
+  optimizer: Any
+  criterion: Any
+  control: Any = None
+  control_optimizer: Any = None
 
-  record = {'steps': [], 'jax_loss': [], 'torch_loss': [], 'rel_diff': []}
-  if control is not None:
-    record.update(control_loss=[], control_rel_diff=[])
-  params_diff, evals = [], []
-  t_jax = t_torch = 0.0
-  t0 = time.perf_counter()
+  @classmethod
+  def create(cls, torch, config, data, device: str, control: bool) -> Sides:
+    """Both networks from gnet-jax's initial parameters (the factory's ``state.build``)."""
+    import jax
+    import jax.numpy as jnp
+    from gnet_jax import state as state_lib, train
+
+    model, tx, host_state = state_lib.build(config)
+    size, channels = config.image_size, data.image_shape[-1]
+
+    def step(s, batch):
+      s = s.replace(metrics=jax.tree.map(jnp.zeros_like, s.metrics))  # this step's sums only
+      s = train.train_step(s, batch, model=model, tx=tx, image_size=size)
+      return s, s.metrics['loss_sum'] / s.metrics['count'].astype(jnp.float32)
+
+    net = torch_net(torch, host_state.params, channels, model.num_classes, device)
+    sides = cls(torch=torch, device=device, image_size=size, state=jax.device_put(host_state),
+                step_fn=jax.jit(step, donate_argnums=0),
+                eval_fn=jax.jit(functools.partial(train.eval_step, model=model, image_size=size)),
+                net=net, optimizer=torch_optimizer(torch, config, net.parameters()),
+                criterion=torch.nn.CrossEntropyLoss())
+    if control:  # PyTorch against itself, from nearly the same weights
+      sides.control = torch_net(torch, nudge_one_ulp(host_state.params, config.seed), channels,
+                                model.num_classes, device)
+      sides.control_optimizer = torch_optimizer(torch, config, sides.control.parameters())
+    return sides
+
+
+@dataclasses.dataclass
+class Trace:
+  """What the run records: every step's losses, parameter distances, evaluations, step time."""
+
+  record: dict[str, list]
+  params_diff: list[dict] = dataclasses.field(default_factory=list)
+  evals: list[dict] = dataclasses.field(default_factory=list)
+  t_jax: float = 0.0
+  t_torch: float = 0.0
+
+  @classmethod
+  def empty(cls, control: bool) -> Trace:
+    record = {'steps': [], 'jax_loss': [], 'torch_loss': [], 'rel_diff': []}
+    if control:
+      record.update(control_loss=[], control_rel_diff=[])
+    return cls(record)
+
+
+def print_columns(control: bool) -> None:
   print(f"\n{'step':>6} {'epoch':>5} {'gnet-jax loss':>14} {'PyTorch loss':>14} "
         f"{'rel. diff':>10} {'param diff':>10}" +
-        (f" {'ctl loss':>12} {'ctl diff':>10} {'ctl param':>10}" if control is not None else ''))
-  step_no = 0
+        (f" {'ctl loss':>12} {'ctl diff':>10} {'ctl param':>10}" if control else ''))
+
+
+def epoch_ends(step_no: int, steps_per_epoch: int, total_steps: int) -> bool:
+  """Whether ``step_no`` closes an epoch (or the run, which may stop mid-epoch)."""
+  return step_no % steps_per_epoch == 0 or step_no == total_steps
+
+
+def train_in_lockstep(args, config, data, sides: Sides, trace: Trace, steps_per_epoch: int,
+                      total_steps: int) -> None:
+  """The same batches, in ``train.py``'s order, through both; stops early on a NaN/inf loss."""
+  from gnet_jax import input_pipeline
+  step_no, finite = 0, True
   for epoch in range(math.ceil(total_steps / steps_per_epoch)):
-    for batch in input_pipeline.train_batches(data.train_images, data.train_labels, batch_size,
-                                              config.seed, epoch):
+    for batch in input_pipeline.train_batches(data.train_images, data.train_labels,
+                                              config.batch_size, config.seed, epoch):
       if step_no == total_steps:
         break
       step_no += 1
-      s0 = time.perf_counter()
-      jstate, jloss = step_fn(jstate, batch)
-      jloss = float(jloss)
-      s1 = time.perf_counter()
-      x = torch_input(torch, batch['image'], size, device)
-      y = torch.from_numpy(batch['label']).long().to(device)
-      optimizer.zero_grad(set_to_none=True)
-      loss = criterion(net(x), y)
-      loss.backward()
-      optimizer.step()
-      tloss = float(loss.item())
-      s2 = time.perf_counter()
-      if step_no > 1:  # the first jax step includes the compilation
-        t_jax, t_torch = t_jax + s1 - s0, t_torch + s2 - s1
-      rel = relative_difference(jloss, tloss)
-      record['steps'].append(step_no)
-      record['jax_loss'].append(jloss)
-      record['torch_loss'].append(tloss)
-      record['rel_diff'].append(rel)
-      line = ''
-      if control is not None:
-        control_opt.zero_grad(set_to_none=True)
-        closs = criterion(control(x), y)
-        closs.backward()
-        control_opt.step()
-        closs = float(closs.item())
-        record['control_loss'].append(closs)
-        record['control_rel_diff'].append(relative_difference(closs, tloss))
-      last_of_epoch = step_no % steps_per_epoch == 0 or step_no == total_steps
-      if step_no == 1 or step_no % args.log_every == 0 or last_of_epoch:
-        pdiff = param_rel_diff(jstate.params, net)
-        params_diff.append({'step': step_no, 'param_rel_diff': pdiff})
-        if control is not None:
-          cdiff = torch_param_rel_diff(control, net)
-          params_diff[-1]['control_param_rel_diff'] = cdiff
-          line = (f" {record['control_loss'][-1]:12.7f} {record['control_rel_diff'][-1]:10.3e}"
-                  f' {cdiff:10.3e}')
-        print(f'{step_no:6d} {epoch + 1:5d} {jloss:14.7f} {tloss:14.7f} {rel:10.3e} '
-              f'{pdiff:10.3e}' + line, flush=True)
-      if not (math.isfinite(jloss) and math.isfinite(tloss)):
+      jloss, tloss = step_both(sides, trace, step_no, batch)
+      if (step_no == 1 or step_no % args.log_every == 0
+          or epoch_ends(step_no, steps_per_epoch, total_steps)):
+        log_step(sides, trace, step_no, epoch)
+      finite = math.isfinite(jloss) and math.isfinite(tloss)
+      if not finite:
         print(f'warning: non-finite loss at step {step_no} (gnet-jax {jloss}, PyTorch {tloss});'
               ' stopping', file=sys.stderr)
         break
-    if step_no and (step_no % steps_per_epoch == 0 or step_no == total_steps):
-      ej = jax_evaluate(eval_fn, jstate.params, data, batch_size)
-      et = torch_evaluate(torch, net, data, batch_size, size, device)
-      evals.append({'epoch': epoch + 1, 'step': step_no, 'partial_epoch':
-                    step_no % steps_per_epoch != 0, 'jax': ej, 'torch': et})
-      print(f'  epoch {epoch + 1} end (step {step_no}): test accuracy gnet-jax '
-            f"{ej['accuracy']:.4f}, PyTorch {et['accuracy']:.4f} (test loss {ej['loss']:.4f} / "
-            f"{et['loss']:.4f}, {ej['count']} examples)", flush=True)
-    if step_no == total_steps or not (math.isfinite(jloss) and math.isfinite(tloss)):
+    if step_no and epoch_ends(step_no, steps_per_epoch, total_steps):
+      evaluate_both(sides, trace, data, config.batch_size, epoch, step_no, steps_per_epoch)
+    if step_no == total_steps or not finite:
       break
 
-  crossings = first_exceeding(record['rel_diff'], record['steps'])
+
+def torch_step(net, optimizer, criterion, x, y) -> float:
+  """One PyTorch SGD/Adam step; returns the batch's mean loss."""
+  optimizer.zero_grad(set_to_none=True)
+  loss = criterion(net(x), y)
+  loss.backward()
+  optimizer.step()
+  return float(loss.item())
+
+
+def step_both(sides: Sides, trace: Trace, step_no: int, batch) -> tuple[float, float]:
+  """One step of each network on ``batch``, timed and recorded; returns both losses."""
+  torch = sides.torch
+  s0 = time.perf_counter()
+  sides.state, jloss = sides.step_fn(sides.state, batch)
+  jloss = float(jloss)
+  s1 = time.perf_counter()
+  x = torch_input(torch, batch['image'], sides.image_size, sides.device)
+  y = torch.from_numpy(batch['label']).long().to(sides.device)
+  tloss = torch_step(sides.net, sides.optimizer, sides.criterion, x, y)
+  s2 = time.perf_counter()
+  if step_no > 1:  # the first jax step includes the compilation
+    trace.t_jax, trace.t_torch = trace.t_jax + s1 - s0, trace.t_torch + s2 - s1
+  record = trace.record
+  record['steps'].append(step_no)
+  record['jax_loss'].append(jloss)
+  record['torch_loss'].append(tloss)
+  record['rel_diff'].append(relative_difference(jloss, tloss))
+  if sides.control is not None:
+    closs = torch_step(sides.control, sides.control_optimizer, sides.criterion, x, y)
+    record['control_loss'].append(closs)
+    record['control_rel_diff'].append(relative_difference(closs, tloss))
+  return jloss, tloss
+
+
+def log_step(sides: Sides, trace: Trace, step_no: int, epoch: int) -> None:
+  """The step's line: both losses, their difference, how far apart the parameters are."""
+  record = trace.record
+  pdiff = param_rel_diff(sides.state.params, sides.net)
+  trace.params_diff.append({'step': step_no, 'param_rel_diff': pdiff})
+  line = ''
+  if sides.control is not None:
+    cdiff = torch_param_rel_diff(sides.control, sides.net)
+    trace.params_diff[-1]['control_param_rel_diff'] = cdiff
+    line = (f" {record['control_loss'][-1]:12.7f} {record['control_rel_diff'][-1]:10.3e}"
+            f' {cdiff:10.3e}')
+  print(f"{step_no:6d} {epoch + 1:5d} {record['jax_loss'][-1]:14.7f} "
+        f"{record['torch_loss'][-1]:14.7f} {record['rel_diff'][-1]:10.3e} "
+        f'{pdiff:10.3e}' + line, flush=True)
+
+
+def evaluate_both(sides: Sides, trace: Trace, data, batch_size: int, epoch: int, step_no: int,
+                  steps_per_epoch: int) -> None:
+  """Both test accuracies at an epoch's end (or the run's, mid-epoch)."""
+  ej = jax_evaluate(sides.eval_fn, sides.state.params, data, batch_size)
+  et = torch_evaluate(sides.torch, sides.net, data, batch_size, sides.image_size, sides.device)
+  trace.evals.append({'epoch': epoch + 1, 'step': step_no, 'partial_epoch':
+                      step_no % steps_per_epoch != 0, 'jax': ej, 'torch': et})
+  print(f'  epoch {epoch + 1} end (step {step_no}): test accuracy gnet-jax '
+        f"{ej['accuracy']:.4f}, PyTorch {et['accuracy']:.4f} (test loss {ej['loss']:.4f} / "
+        f"{et['loss']:.4f}, {ej['count']} examples)", flush=True)
+
+
+def summarize(header: list[str], config, device: str, steps_per_epoch: int, trace: Trace,
+              wall_seconds: float) -> dict:
+  """``fidelity.json``'s content."""
+  record = trace.record
   timed = max(len(record['steps']) - 1, 1)
-  result = {
+  control = 'control_rel_diff' in record
+  return {
       'machine': header,
       'config': json.loads(config.to_json()),
       'torch_device': device,
-      'image_size': size, 'batch_size': batch_size, 'steps_per_epoch': steps_per_epoch,
+      'image_size': config.image_size, 'batch_size': config.batch_size,
+      'steps_per_epoch': steps_per_epoch,
       'num_steps': len(record['steps']),
-      'first_step_rel_diff_exceeds': crossings,
+      'first_step_rel_diff_exceeds': first_exceeding(record['rel_diff'], record['steps']),
       **({'control_first_step_rel_diff_exceeds': first_exceeding(
-          record['control_rel_diff'], record['steps'])} if control is not None else {}),
+          record['control_rel_diff'], record['steps'])} if control else {}),
       'max_rel_diff': max(record['rel_diff'], default=float('nan')),
-      'step_seconds': {'jax': t_jax / timed, 'torch': t_torch / timed},
-      'wall_seconds': time.perf_counter() - t0,
-      'evals': evals,
-      'param_rel_diff': params_diff,
+      'step_seconds': {'jax': trace.t_jax / timed, 'torch': trace.t_torch / timed},
+      'wall_seconds': wall_seconds,
+      'evals': trace.evals,
+      'param_rel_diff': trace.params_diff,
       **record,
   }
+
+
+def print_summary(result: dict) -> None:
+  crossings = result['first_step_rel_diff_exceeds']
   print('\nfirst step where |loss_jax - loss_torch| / loss_torch exceeds: ' + ', '.join(
       f"{k}: {v if v is not None else 'never'}" for k, v in crossings.items()) +
-      f' (of {len(record["steps"])} steps)')
-  if control is not None:
+      f' (of {len(result["steps"])} steps)')
+  if 'control_first_step_rel_diff_exceeds' in result:
     print('control (PyTorch vs PyTorch, start 1 ulp apart in 0.01% of the weights), first step '
           'exceeding: ' + ', '.join(
         f"{k}: {v if v is not None else 'never'}"
         for k, v in result['control_first_step_rel_diff_exceeds'].items()))
-  print(f"seconds/step: gnet-jax {t_jax / timed:.3f}, PyTorch {t_torch / timed:.3f}")
-  return result
+  print(f"seconds/step: gnet-jax {result['step_seconds']['jax']:.3f}, PyTorch "
+        f"{result['step_seconds']['torch']:.3f}")
 
 
 # ----------------------------------------------------------------------------- plot
@@ -478,8 +573,8 @@ def plot(result: dict, path: Path) -> None:
   ax1.set_ylabel('training loss (per step)')
   size = result['image_size']
   ax1.set_title(f"gnet-jax vs PyTorch original, same start and batches ({size}x{size}, batch "
-                f"{result['batch_size']}, {result['config'].get('optimizer', 'sgd')} lr "
-                f"{result['config'].get('learning_rate')})", fontsize=10)
+                f"{result['batch_size']}, {result['config']['optimizer']} lr "
+                f"{result['config']['learning_rate']})", fontsize=10)
   ax1.legend(loc='center right')
   floor = 1e-9
   ax2.semilogy(steps, np.maximum(rel, floor), color='tab:red', lw=0.8,
@@ -567,8 +662,12 @@ def main(argv=None) -> int:
                        ('eval_examples', args.eval_examples)):
       if value is not None:
         config[key] = value
-    if config.image_size < 1:
-      raise UsageError(f'image_size must be positive, got {config.image_size}')
+    from gnet_jax import config as config_lib
+    from gnet_jax.errors import ConfigError
+    try:
+      config_lib.validate(config)
+    except ConfigError as e:
+      raise UsageError(str(e)) from None
     check_recipe(config)
     torch = import_torch()
     if 'jax' not in sys.modules:  # too late otherwise (e.g. called from the test suite)

@@ -7,7 +7,7 @@ whichever ends first), the stages ``train.py`` runs per step without the
 model: (1) gathering a batch on the host (``input_pipeline.train_batches``),
 (2) plus the copy to the device (``Runner.put_batch``), (3) plus the
 on-device conversion and resize the train step starts with
-(``train.preprocess``). Compare with the training throughput of
+(``input_pipeline.preprocess``). Compare with the training throughput of
 ``benchmarks/throughput.py``: the data path should be orders of magnitude faster.
 """
 
@@ -26,10 +26,9 @@ from gnet_jax import xla_flags  # noqa: E402
 xla_flags.apply_defaults()
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gnet_jax import input_pipeline, parallel, train  # noqa: E402
+from gnet_jax import config as config_lib, input_pipeline, parallel  # noqa: E402
 
 
 def load_images(dataset: str) -> tuple[np.ndarray, np.ndarray, str]:
@@ -59,11 +58,12 @@ def main(argv=None) -> int:
   parser.add_argument('--sizes', default='28,96')
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--seconds', type=float, default=3.0, help='time limit per measurement')
-  parser.add_argument('--dataset', default='fashion_mnist')
+  parser.add_argument('--dataset', default='fashion_mnist', choices=config_lib.choices('dataset'))
   args = parser.parse_args(argv)
 
   images, labels, source = load_images(args.dataset)
-  config = ml_collections.ConfigDict({'parallelism': 'none', 'batch_size': args.batch})
+  config = config_lib.default_config()
+  config.update(parallelism='none', batch_size=args.batch)
   runner = parallel.make_runner(config)
   device = runner.devices[0]
   print(f'data: {source}; device: {device.platform}:{device.device_kind}; batch {args.batch}; '
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
   put = rate(runner.put_batch, images, labels, args.batch, args.seconds)
   print(f'| + copy to device | {images.shape[1]} | {put:,.0f} |')
   for size in (int(s) for s in args.sizes.split(',') if s):
-    prep = jax.jit(lambda im, size=size: train.preprocess(im, size))
+    prep = jax.jit(lambda im, size=size: input_pipeline.preprocess(im, size))
     stage = lambda b, prep=prep: prep(runner.put_batch(b)['image'])
     rate(stage, images[:4 * args.batch], labels[:4 * args.batch], args.batch, 0)  # compile
     full = rate(stage, images, labels, args.batch, args.seconds)

@@ -76,6 +76,20 @@ def _random_batch(batch: int, size: int, seed: int = 0):
           rng.integers(0, 10, batch).astype(np.int32))
 
 
+def build_googlenet(size: int, kernels: str = 'auto'):
+  """GoogLeNet, its optimizer and host state from the project's factory (``state.build``).
+
+  The default config (the reference recipe: plain SGD at 0.1, seed 0) at
+  ``size`` x ``size``, as ``train.py`` would build it. Imports JAX.
+  """
+  from gnet_jax import config as config_lib, state as state_lib
+
+  config = config_lib.default_config()
+  config.update(image_size=size, kernels=kernels)
+  config_lib.validate(config)
+  return state_lib.build(config)
+
+
 def jax_worker(args) -> None:
   """Serves 'train'/'eval'/'done' requests on stdin for gnet-jax."""
   from gnet_jax import xla_flags
@@ -84,20 +98,14 @@ def jax_worker(args) -> None:
   import functools
 
   import jax
-  import ml_collections
   import numpy as np
-  import optax
 
-  from gnet_jax import input_pipeline, models, state as state_lib, train
+  from gnet_jax import train
 
   t0 = time.perf_counter()
   device = jax.devices()[0]
-  model = models.GoogLeNet(kernels=os.environ.get('GNET_BENCH_KERNELS', 'auto'))
-  tx = optax.sgd(0.1)
-  config = ml_collections.ConfigDict({'image_size': args.size, 'seed': 0})
-  config.bias_init = 'zeros'
-  state = jax.device_put(state_lib.create_train_state(
-      config, input_pipeline.dataset_spec('fashion_mnist'), model, tx), device)
+  model, tx, host_state = build_googlenet(args.size, os.environ.get('GNET_BENCH_KERNELS', 'auto'))
+  state = jax.device_put(host_state, device)
   images, labels = _random_batch(args.batch, args.size)
   batch = jax.device_put({'image': images, 'label': labels}, device)
   eval_batch = jax.device_put({'image': images, 'label': labels,
@@ -366,7 +374,7 @@ def format_table(results: list[dict], machine: dict) -> str:
   return '\n'.join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--sizes', default='28,96', help='comma-separated image sizes (e.g. 224)')
@@ -390,38 +398,43 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--worker', choices=('jax', 'torch'), help=argparse.SUPPRESS)
   parser.add_argument('--size', type=int, help=argparse.SUPPRESS)
   parser.add_argument('--torch-device', default='cpu', help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
+  return parser
 
-  if args.worker == 'jax':
-    jax_worker(args)
-    return 0
-  if args.worker == 'torch':
-    torch_worker(args)
-    return 0
 
-  args.tasks = [t for t in args.tasks.split(',') if t]
-  args.warmup = max(args.warmup, 1)
-  platform = jax_platform()
+def _jax_variants(args, platform: str, parser: argparse.ArgumentParser) -> list[str]:
+  """The gnet-jax columns: ``--jax-variants``, else the platform's defaults."""
   if args.jax_variants is None:
-    variants = list(DEFAULT_CPU_VARIANTS if platform == 'cpu' else DEFAULT_ACCEL_VARIANTS)
-  else:
-    variants = [v.strip() for v in args.jax_variants.split(',') if v.strip()]
-    unknown = set(variants) - set(JAX_VARIANTS)
-    if unknown:
-      parser.error(f'unknown --jax-variants {sorted(unknown)}; choose from {list(JAX_VARIANTS)}')
+    return list(DEFAULT_CPU_VARIANTS if platform == 'cpu' else DEFAULT_ACCEL_VARIANTS)
+  variants = [v.strip() for v in args.jax_variants.split(',') if v.strip()]
+  unknown = set(variants) - set(JAX_VARIANTS)
+  if unknown:
+    parser.error(f'unknown --jax-variants {sorted(unknown)}; choose from {list(JAX_VARIANTS)}')
+  return variants
+
+
+def _torch_device(args, platform: str) -> str | None:
+  """PyTorch's device for the run (None: no PyTorch column); sets ``args.torch_device``."""
   torch_device = None if args.no_torch else torch_device_for(platform)
   args.torch_device = torch_device or 'cpu'
   if torch_device is None and not args.no_torch:
     print(f'note: no PyTorch device for JAX platform {platform!r}; PyTorch column left out',
           file=sys.stderr)
+  return torch_device
 
-  load_before = os.getloadavg()[0]
-  if load_before >= 1.0:
-    print(f'warning: 1-minute load is {load_before:.2f} before the run: the machine is busy, '
+
+def _load_before() -> float:
+  """The 1-minute load average now, with a warning when the machine is already busy."""
+  load = os.getloadavg()[0]
+  if load >= 1.0:
+    print(f'warning: 1-minute load is {load:.2f} before the run: the machine is busy, '
           'and PyTorch suffers more from load than XLA; ratios will flatter gnet-jax. Rerun '
           'on a quiet machine (load < 1, nothing else running).', file=sys.stderr)
-  results = [bench_size(args, int(s), variants, torch_device is not None)
-             for s in args.sizes.split(',') if s]
+  return load
+
+
+def _machine(results: list[dict], variants: list[str], platform: str,
+             load_before: float) -> dict:
+  """The machine description for the table, with the load after the run (warned when high)."""
   first = results[0]['_infos']
   torch_info = next((first[n] for n in TORCH_VARIANTS if n in first), None)
   machine = machine_info(first.get(variants[0]) if variants else None, torch_info)
@@ -429,10 +442,32 @@ def main(argv: list[str] | None = None) -> int:
   if machine['load_after'] >= 1.5:
     print(f"warning: 1-minute load {machine['load_after']:.2f} at the end (the benchmark's own "
           'workers count too; above ~1.5 on 2 cores something else ran)', file=sys.stderr)
+  return machine
+
+
+def _write_json(path: str | None, machine: dict, results: list[dict]) -> None:
+  if path:
+    Path(path).write_text(json.dumps({'machine': machine, 'results': results}, indent=2) + '\n')
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if args.worker:  # a worker process serving one framework, started by bench_size
+    (jax_worker if args.worker == 'jax' else torch_worker)(args)
+    return 0
+
+  args.tasks = [t for t in args.tasks.split(',') if t]
+  args.warmup = max(args.warmup, 1)
+  platform = jax_platform()
+  variants = _jax_variants(args, platform, parser)
+  torch_device = _torch_device(args, platform)
+  load_before = _load_before()
+  results = [bench_size(args, int(s), variants, torch_device is not None)
+             for s in args.sizes.split(',') if s]
+  machine = _machine(results, variants, platform, load_before)
   print(format_table(results, machine))
-  if args.json:
-    Path(args.json).write_text(json.dumps({'machine': machine, 'results': results}, indent=2)
-                               + '\n')
+  _write_json(args.json, machine, results)
   return 0
 
 

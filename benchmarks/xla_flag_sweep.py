@@ -56,16 +56,12 @@ def compiled_train_step(size: int, batch: int):
   xla_flags.apply_defaults()  # leaves a value the caller put in XLA_FLAGS alone
 
   import jax
-  import ml_collections
-  import optax
   import throughput
 
-  from gnet_jax import input_pipeline, models, state as state_lib, train
+  from gnet_jax import train
 
-  model, tx = models.GoogLeNet(), optax.sgd(0.1)
-  config = ml_collections.ConfigDict({'image_size': size, 'seed': 0, 'bias_init': 'zeros'})
-  state = jax.device_put(state_lib.create_train_state(
-      config, input_pipeline.dataset_spec('fashion_mnist'), model, tx))
+  model, tx, host_state = throughput.build_googlenet(size)  # the benchmark's own model and state
+  state = jax.device_put(host_state)
   images, labels = throughput._random_batch(batch, size)  # the benchmark's own batch
   arrays = jax.device_put({'image': images, 'label': labels})
   step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, image_size=size),

@@ -1,18 +1,30 @@
 """Smoke test of the benchmark script (one tiny step per framework), and the profiling tools.
 
 Benchmarks are never timed in the test suite: ``benchmarks/throughput.py`` runs
-end to end and prints its table; the flag sweep and the step profile are
-checked for what they name and how they sort kernels.
+end to end and prints its table, whose fields must agree with each other and
+with its JSON; with workers of known step times its img/s, ratios and GFLOP/s
+must come out exactly; the flag sweep and the step profile are checked for
+what they name and how they sort kernels.
 """
 
+import argparse
 import importlib.util
 import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 HAS_TORCH = importlib.util.find_spec('torch') is not None
+
+
+def _table_row(table: str, size: int, task: str, name: str) -> list[str]:
+  """The cells of one row of throughput.py's markdown table."""
+  prefix = f'| {size} | {task} | {name} |'
+  line = next(line for line in table.splitlines() if line.startswith(prefix))
+  return [cell.strip() for cell in line.strip('|').split('|')]
 
 
 def test_throughput_script_runs_one_tiny_step_and_prints_table(tmp_path):
@@ -29,16 +41,78 @@ def test_throughput_script_runs_one_tiny_step_and_prints_table(tmp_path):
   table = proc.stdout
   assert '| size | task | framework | img/s median |' in table
   assert 'machine:' in table and 'versions:' in table
-  assert '| 16 | train | gnet-jax kernels=xla |' in table
   assert 'load average (1 min) before / after' in table
   rows = json.loads(out.read_text())['results'][0]['tasks']['train']
-  assert rows['gnet-jax kernels=xla']['steps'] == 2 and rows['gnet-jax kernels=xla']['median'] > 0
+  flops = _load('flops')
+  names = ['gnet-jax kernels=xla'] + (
+      ['PyTorch NCHW (as written)', 'PyTorch channels_last'] if HAS_TORCH else [])
+  assert sorted(rows) == sorted(names)
+  for name in names:
+    row = rows[name]
+    assert row['steps'] == 2  # 2 rounds of 1 timed step
+    assert 0 < row['min'] <= row['median'] <= row['max']
+    assert row['gflops'] == pytest.approx(row['median'] * flops.train_flops(16) / 1e9, rel=1e-12)
+    assert row['peak_rss_bytes'] > 2**20 and row['first_step_s']['train'] > 0
+    # The table prints the JSON's numbers.
+    cells = _table_row(table, 16, 'train', name)
+    assert cells[3] == f"{row['median']:.1f}" and cells[4] == f"{row['min']:.1f}-{row['max']:.1f}"
+    assert cells[6] == f"{row['gflops']:.1f}"
+  assert rows['gnet-jax kernels=xla']['compile_s'] > 0
   if HAS_TORCH:
-    assert '| 16 | train | PyTorch NCHW (as written) |' in table
-    assert '| 16 | train | PyTorch channels_last |' in table
-    assert rows['gnet-jax kernels=xla']['rounds'] == 2 and 'x (' in table
-    low, high = rows['gnet-jax kernels=xla']['vs_torch_range']
-    assert low <= rows['gnet-jax kernels=xla']['vs_torch'] <= high
+    for name in names:
+      low, high = rows[name]['vs_torch_range']
+      assert rows[name]['rounds'] == 2 and low <= rows[name]['vs_torch'] <= high
+    # Each round's ratio is to the faster PyTorch layout: it is 1, the other at most 1.
+    assert max(rows[n]['vs_torch_range'][1] for n in names[1:]) == pytest.approx(1.0)
+
+
+class FakeWorker:
+  """A worker whose steps take known times: ``SECONDS[name]``, cycled, one value per step."""
+
+  SECONDS = {'gnet-jax': (0.5, 0.25, 1.0), 'PyTorch NCHW (as written)': (1.0,),
+             'PyTorch channels_last': (0.8,)}
+
+  def __init__(self, name, kind, args, env):
+    self.name, self.calls = name, 0
+    self.info = {'init_s': 0.1, 'compile_s': 2.0 if kind == 'jax' else None,
+                 'device': 'cpu:fake'}
+    self.times = {'train': [], 'eval': []}
+    self.first = {}
+
+  def run(self, task, count=1):
+    cycle = self.SECONDS[self.name]
+    times = [cycle[(self.calls + i) % len(cycle)] for i in range(count)]
+    self.calls += count
+    return times
+
+  def finish(self):
+    return {'peak_rss': 3 * 2**30, 'device_peak': None}
+
+
+def test_throughput_numbers_follow_from_the_step_times(monkeypatch):
+  """Known step times in, exact img/s, ratios, GFLOP/s and table cells out."""
+  throughput, flops = _load('throughput'), _load('flops')
+  monkeypatch.setattr(throughput, 'Worker', FakeWorker)
+  args = argparse.Namespace(batch=4, steps=3, warmup=1, tasks=['train'], budget_s=60,
+                            min_rounds=2, max_rounds=5, spread=0.1)
+  result = throughput.bench_size(args, 16, ['gnet-jax'], use_torch=True)
+  rows = result['tasks']['train']
+  jax_row = rows['gnet-jax']
+  # The warm-up takes the first 0.5 s; each round then times 0.25, 1.0, 0.5 s at batch 4.
+  assert (jax_row['median'], jax_row['min'], jax_row['max']) == (8.0, 4.0, 16.0)
+  assert jax_row['steps'] == 6 and jax_row['rounds'] == 2  # the ratios agree: no third round
+  assert jax_row['gflops'] == pytest.approx(8.0 * flops.train_flops(16) / 1e9)
+  # Per round: the faster PyTorch (0.8 s) over each one's median step.
+  assert jax_row['vs_torch'] == pytest.approx(0.8 / 0.5)
+  assert rows['PyTorch NCHW (as written)']['vs_torch'] == pytest.approx(0.8)
+  assert rows['PyTorch channels_last']['vs_torch'] == pytest.approx(1.0)
+  assert rows['PyTorch channels_last']['median'] == pytest.approx(4 / 0.8)
+  machine = {'cpu': 'fake', 'cores': 2, 'jax_device': 'cpu:fake', 'torch_device': 'cpu',
+             'torch_threads': 2, 'versions': {}, 'load_before': 0.0, 'load_after': 0.0}
+  cells = _table_row(throughput.format_table([result], machine), 16, 'train', 'gnet-jax')
+  assert cells[3:8] == ['8.0', '4.0-16.0', '1.60x (1.60-1.60, 2 rounds)',
+                        f'{8.0 * flops.train_flops(16) / 1e9:.1f}', '2.0']
+  assert cells[9] == '3.00 GiB RSS'
 
 
 def _load(name: str):
