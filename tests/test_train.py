@@ -142,22 +142,36 @@ def _variants_setup(request, small_inception_steps, batch):
 
 
 def test_aux_heads_enter_the_training_loss(batch):
-  config = small_config(aux_weight=0.3)
+  """Total loss = main + w * aux: with plain SGD each parameter's step is linear in w."""
+  weights = (0.0, 0.3, 1.0, 2.5)
+  config = small_config(aux_weight=0.3, momentum=0.0)
   model, tx = TinyNet(aux_heads=True), state_lib.create_optimizer(config)
   state = state_lib.create_train_state(config, SPEC, model, tx)
   assert 'aux1' in state.params
-  new = jax.jit(functools.partial(train.train_step, model=model, tx=tx, image_size=28,
-                                  aux_weight=0.3))(state, batch)
-  # The aux head gets gradients only through the aux loss term.
-  for head in ('aux1',):
-    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params[head],
-                         new.params[head])
-    assert max(jax.tree.leaves(moved)) > 0, head
-  # The reported training loss is the main head's cross-entropy.
+  moves, losses = [], []
+  for w in weights:
+    new = jax.jit(functools.partial(train.train_step, model=model, tx=tx, image_size=28,
+                                    aux_weight=w))(state, batch)
+    moves.append(jax.tree.map(lambda a, b: np.float64(b) - np.float64(a), state.params,
+                              new.params))
+    losses.append(float(new.metrics['loss_sum']))
+  # The aux head learns only through its term: not at all at w = 0, in proportion to w.
+  assert all(np.all(m == 0) for m in jax.tree.leaves(moves[0]['aux1']))
+  for w, move in zip(weights[1:], moves[1:]):
+    chex.assert_trees_all_close(jax.tree.map(lambda m: m / w, move['aux1']),
+                                jax.tree.map(lambda m: m / weights[1], moves[1]['aux1']),
+                                rtol=1e-4, atol=2e-7)  # float32 params: steps of ~1e-5
+  # The shared trunk gets the main gradient plus w times the aux one.
+  aux_part = lambda i: jax.tree.map(lambda m, m0: (m - m0) / weights[i], moves[i]['conv'],
+                                    moves[0]['conv'])
+  assert max(float(np.abs(x).max()) for x in jax.tree.leaves(aux_part(1))) > 1e-4
+  for i in (2, 3):
+    chex.assert_trees_all_close(aux_part(i), aux_part(1), rtol=1e-3, atol=3e-7)
+  # The reported training loss is the main head's cross-entropy, whatever the weight.
   logits = jax.jit(lambda p, x: model.apply({'params': p}, input_pipeline.preprocess(x, 28)))(
       state.params, batch['image'])
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
-  np.testing.assert_allclose(float(new.metrics['loss_sum']), float(loss) * BATCH, rtol=1e-5)
+  np.testing.assert_allclose(losses, [float(loss) * BATCH] * len(weights), rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- the loop
