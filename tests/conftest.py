@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 # so that under pytest-xdist (pyproject's addopts) they overlap the many short tests
 # instead of running alone at the end.
 SLOW_FILES = ('test_notebook.py', 'test_cli.py', 'test_multihost.py', 'test_benchmarks.py',
-              'test_interop.py', 'test_transformations.py')
+              'test_interop.py', 'test_transformations.py', 'test_workdir.py')
 
 
 def pytest_collection_modifyitems(items):
