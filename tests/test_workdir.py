@@ -1,0 +1,215 @@
+"""One run owns a workdir: the lock itself, its release when the owner is killed, and train.py.
+
+The end-to-end tests run GoogLeNet through ``train.py`` as a user would. To
+be sure the second command meets a run that is still going, the first is
+paused with SIGSTOP (it keeps its lock) once it has saved a checkpoint, and
+resumed with SIGCONT afterwards.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from gnet_jax import state as state_lib, workdir as workdir_lib
+from gnet_jax.errors import WorkdirError
+from test_cli import run_train
+from test_multihost import run_two_processes
+
+HOLDER = '''
+import sys, time
+from pathlib import Path
+sys.path[:0] = [{repo!r}]
+from gnet_jax import workdir
+fd = workdir.acquire(Path({workdir!r}))
+print('held', flush=True)
+time.sleep(600)
+'''
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+  """Every path under ``folder`` with its size and modification time, and the lock file's bytes."""
+  found = {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+           for p in folder.rglob('*')}
+  lock = folder / workdir_lib.LOCK_NAME
+  return {**found, 'lock bytes': lock.read_bytes() if lock.exists() else None}
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+def test_a_held_workdir_is_refused_naming_its_owner(tmp_path):
+  with workdir_lib.hold(tmp_path):
+    before = snapshot(tmp_path)
+    with pytest.raises(WorkdirError) as refused:
+      with workdir_lib.hold(tmp_path):  # a second open file description: flock refuses it too
+        pytest.fail('a second holder got the lock')
+    assert snapshot(tmp_path) == before  # the refused one changed nothing
+  message = str(refused.value)
+  assert message.startswith(f'--workdir {tmp_path} is in use by pid {os.getpid()} on host '
+                            f'{socket.gethostname()} since ')
+  since = re.search(r' since (\S+) ', message).group(1)
+  assert re.fullmatch(r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d', since), since
+  assert 'choose another --workdir' in message and '\n' not in message
+  owner = json.loads((tmp_path / workdir_lib.LOCK_NAME).read_text())
+  assert owner['pid'] == os.getpid() and owner['command']
+  with workdir_lib.hold(tmp_path):  # released at the end of the block
+    pass
+
+
+def test_lock_dies_with_its_owner(tmp_path):
+  """A holder killed with SIGKILL leaves its lock file behind, but not its lock."""
+  workdir = tmp_path / 'new' / 'run'  # created by the holder
+  holder = subprocess.Popen([sys.executable, '-c', HOLDER.format(repo=str(REPO),
+                                                                 workdir=str(workdir))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == 'held\n', holder.stderr.read()
+    with pytest.raises(WorkdirError, match=f'in use by pid {holder.pid} on host '):
+      workdir_lib.acquire(workdir)
+  finally:
+    holder.kill()  # SIGKILL: no Python cleanup runs in the holder
+    holder.wait()
+  assert holder.returncode == -signal.SIGKILL
+  assert workdir_lib.read_owner(workdir)['pid'] == holder.pid  # the dead owner's line stays ...
+  with workdir_lib.hold(workdir):  # ... and does not block
+    assert workdir_lib.read_owner(workdir)['pid'] == os.getpid()
+
+
+def test_a_lock_without_an_owner_line_is_still_refused(tmp_path):
+  (tmp_path / workdir_lib.LOCK_NAME).touch()
+  with open(tmp_path / workdir_lib.LOCK_NAME) as f:
+    fcntl.flock(f, fcntl.LOCK_EX)  # a holder that has not written its line (yet)
+    with pytest.raises(WorkdirError, match=r'in use by another process \(its run.lock names '
+                                           r'none\)'):
+      workdir_lib.acquire(tmp_path)
+  assert (tmp_path / workdir_lib.LOCK_NAME).read_text() == ''
+
+
+def test_two_processes_of_another_run_are_both_refused(tmp_path, idx_dir):
+  """A busy workdir refuses a multi-host run on every process, not just process 0."""
+  workdir = tmp_path / 'run'
+  with workdir_lib.hold(workdir):
+    before = snapshot(workdir)
+    results = run_two_processes([workdir, workdir], idx_dir, 'sharded')
+    assert snapshot(workdir) == before
+  for pid, (code, _, err) in enumerate(results):
+    assert code == 2, f'process {pid}:\n{err[-3000:]}'
+    assert f'error: --workdir {workdir} is in use by pid {os.getpid()} on host' in err, err
+    assert 'Traceback' not in err
+
+
+# ----------------------------------------------------------------------------- train.py
+
+def train_args(workdir: Path, idx_dir: Path) -> list[str]:
+  """GoogLeNet on the tiny data: 2 epochs of 12 steps, a checkpoint every 2 steps."""
+  return ['--config', 'configs/quickstart.py', '--workdir', str(workdir),
+          '--config.data_source=idx', f'--config.data_dir={idx_dir}',
+          '--config.train_examples=96', '--config.eval_examples=40', '--config.batch_size=8',
+          '--config.num_epochs=2', '--config.checkpoint_every_steps=2',
+          '--config.progress=False']
+
+
+def user_env() -> dict[str, str]:
+  """As ``test_cli.run_train``: one CPU device, not the tests' 8 virtual ones."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  return {**os.environ, 'XLA_FLAGS': ' '.join(flags)}
+
+
+def start_train(args: list[str], log: Path) -> subprocess.Popen:
+  """``train.py`` in the background, its output into ``log``.out and ``log``.err."""
+  with open(f'{log}.out', 'w') as out, open(f'{log}.err', 'w') as err:
+    return subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO, stdout=out,
+                            stderr=err, env=user_env())
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, log: Path,
+                        timeout: float = 300) -> int:
+  """The first finished checkpoint's step, polled while ``proc`` trains."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    folder = workdir / 'checkpoints'
+    steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+    if steps:
+      return max(steps)
+    if proc.poll() is not None:
+      pytest.fail(f'train.py ended ({proc.returncode}) before a checkpoint:\n'
+                  + Path(f'{log}.err').read_text()[-3000:])
+    time.sleep(0.01)
+  pytest.fail(f'no checkpoint after {timeout} s:\n' + Path(f'{log}.err').read_text()[-3000:])
+
+
+def finished_run_is_intact(workdir: Path) -> None:
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [(r['epoch'], r['step']) for r in rows] == [(1, 12), (2, 24)]
+  _, _, step = state_lib.load_checkpoint(workdir)
+  assert step == 24
+
+
+def test_second_run_is_refused_while_the_first_finishes(tmp_path, idx_dir):
+  workdir, log = tmp_path / 'run', tmp_path / 'first'
+  first = start_train(train_args(workdir, idx_dir), log)
+  try:
+    saved = wait_for_checkpoint(first, workdir, log)
+    first.send_signal(signal.SIGSTOP)  # mid-training, holding the lock, writing nothing
+    before = snapshot(workdir)
+    second = run_train(*train_args(workdir, idx_dir))
+    assert snapshot(workdir) == before  # nothing written, the lock file untouched
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert second.stderr.strip().splitlines() == [
+        f'error: --workdir {workdir} is in use by pid {first.pid} on host '
+        f'{socket.gethostname()} since ' + second.stderr.split(' since ', 1)[1].strip()]
+    assert 'train.py --config configs/quickstart.py' in second.stderr
+    assert second.stdout == ''
+    # evaluate takes no lock: it reads the newest checkpoint while the run trains.
+    evaluated = subprocess.run([sys.executable, '-m', 'gnet_jax.evaluate', '--workdir',
+                                str(workdir)], cwd=REPO, capture_output=True, text=True,
+                               timeout=300, env=user_env())
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    step = int(re.search(r'checkpoint: step (\d+) in', evaluated.stdout).group(1))
+    assert saved <= step < 24 and 'test accuracy' in evaluated.stdout, evaluated.stdout
+  finally:
+    if first.poll() is None:
+      first.send_signal(signal.SIGCONT)
+  try:
+    assert first.wait(timeout=600) == 0, Path(f'{log}.err').read_text()[-3000:]
+  finally:
+    if first.poll() is None:
+      first.kill()
+  out = Path(f'{log}.out').read_text()
+  assert 'epoch 2/2' in out and 'resuming' not in out
+  finished_run_is_intact(workdir)
+
+
+def test_run_killed_with_sigkill_resumes_with_the_same_command(tmp_path, idx_dir):
+  workdir, log = tmp_path / 'run', tmp_path / 'killed'
+  args = train_args(workdir, idx_dir)
+  killed = start_train(args, log)
+  try:
+    saved = wait_for_checkpoint(killed, workdir, log)
+    killed.send_signal(signal.SIGKILL)
+  finally:
+    if killed.poll() is None:
+      killed.kill()
+    killed.wait()
+  assert killed.returncode == -signal.SIGKILL
+  assert 'epoch 2/2' not in Path(f'{log}.out').read_text()  # killed mid-training
+  assert workdir_lib.read_owner(workdir)['pid'] == killed.pid  # its line is still there
+  resumed = run_train(*args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  step = int(re.search(r'resuming from the checkpoint at step (\d+)', resumed.stdout).group(1))
+  assert saved <= step < 24 and step % 2 == 0
+  assert workdir_lib.read_owner(workdir)['pid'] not in (killed.pid, os.getpid())
+  finished_run_is_intact(workdir)
