@@ -1,0 +1,180 @@
+"""Your own images: ``DIR/train/<class>/`` and ``DIR/test/<class>/`` into uint8 arrays.
+
+The layout torchvision's ``ImageFolder`` and tensorflow-datasets' ``ImageFolder``
+read: one sub-folder per class, named after it; class names are the folder
+names, sorted, and a class's label is its index in that order. Every image
+(PNG, JPEG, BMP, GIF; any size and mode) becomes RGB, is scaled so that its
+shorter side is ``image_size`` and centre-cropped to a square (no stretching,
+as torchvision's ``Resize`` + ``CenterCrop``), once, at load; the arrays stay
+uint8 in memory. The decoded arrays are cached under ``~/.cache/gnet_jax``,
+keyed by the folder's listing (names, sizes, modification times) and the image
+size, so a second run decodes nothing. Other files (``.txt``, ``.DS_Store``)
+are ignored and counted.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from gnet_jax.errors import DatasetError
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif')
+SPLITS = ('train', 'test')
+CACHE_VERSION = 1  # bump when the decoding below changes what an image becomes
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+  """What a folder holds, from its names alone (nothing decoded)."""
+
+  root: Path
+  class_names: tuple[str, ...]
+  files: dict[str, tuple[tuple[Path, int], ...]]  # split -> ((path, label), ...)
+  ignored: int  # non-image files skipped
+
+
+def _class_folders(split_dir: Path) -> dict[str, list[Path]]:
+  """Class name -> its image files (sorted); non-image files are returned under ''."""
+  classes = {}
+  ignored = []
+  for entry in sorted(split_dir.iterdir()):
+    if entry.is_dir() and not entry.name.startswith('.'):
+      files = sorted(p for p in entry.rglob('*') if p.is_file())
+      classes[entry.name] = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+      ignored += [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    elif entry.is_file():
+      ignored.append(entry)
+  classes[''] = ignored
+  return classes
+
+
+def scan(root: str | os.PathLike) -> Listing:
+  """Lists ``root``'s two splits, checking the layout before anything is decoded."""
+  root = Path(root)
+  if not root.is_dir():
+    raise DatasetError(f'data_dir {root} is not a folder; set --config.data_dir to a folder '
+                       'holding train/<class>/ and test/<class>/ image folders')
+  found, ignored = {}, 0
+  for split in SPLITS:
+    split_dir = root / split
+    if not split_dir.is_dir():
+      raise DatasetError(f'{split_dir} is missing; an image folder needs train/ and test/, '
+                         'each with one sub-folder of images per class')
+    classes = _class_folders(split_dir)
+    ignored += len(classes.pop(''))
+    if not any(classes.values()):
+      raise DatasetError(f'{split_dir} holds no images ({", ".join(IMAGE_SUFFIXES)}) in class '
+                         'sub-folders; put each class\'s images in a folder named after it')
+    for name, files in classes.items():
+      if not files:
+        raise DatasetError(f'{split_dir / name} is an empty class folder; add images of '
+                           f'{name!r} or remove the folder')
+    found[split] = classes
+  train_names, test_names = sorted(found['train']), sorted(found['test'])
+  if train_names != test_names:
+    only_train = sorted(set(train_names) - set(test_names))
+    only_test = sorted(set(test_names) - set(train_names))
+    raise DatasetError(f'{root}: train/ and test/ have different classes (only in train: '
+                       f'{only_train or "none"}; only in test: {only_test or "none"}); give both '
+                       'splits the same class folders')
+  if len(train_names) < 2:
+    raise DatasetError(f'{root / "train"} has a single class ({train_names[0]!r}); a classifier '
+                       'needs at least two class folders')
+  files = {split: tuple((path, label) for label, name in enumerate(train_names)
+                        for path in found[split][name]) for split in SPLITS}
+  return Listing(root, tuple(train_names), files, ignored)
+
+
+def load_rgb(path: str | os.PathLike, image_size: int) -> np.ndarray:
+  """One file as training sees it: uint8 ``[image_size, image_size, 3]``.
+
+  Grey and palette images become RGB, alpha is dropped, 16-bit images are
+  scaled to 8 bits; the shorter side is scaled to ``image_size`` and the
+  centre cropped. Raises ``DatasetError`` naming the file when it cannot be
+  read.
+  """
+  from PIL import Image, ImageOps, UnidentifiedImageError
+
+  path = Path(path)
+  try:
+    with Image.open(path) as image:
+      image = ImageOps.exif_transpose(image)  # phone photos: upright as shown
+      if image.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):  # 16-bit or float grey
+        wide = np.asarray(image, np.float64)
+        wide = wide / 257 if wide.max() > 255 else wide
+        image = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), 'L')
+      rgb = image.convert('RGBA').convert('RGB') if image.mode == 'P' else image.convert('RGB')
+      fitted = ImageOps.fit(rgb, (image_size, image_size), method=Image.Resampling.BILINEAR)
+      return np.asarray(fitted, np.uint8)
+  except UnidentifiedImageError:
+    raise DatasetError(f'{path}: not an image Pillow can read; remove it or replace it with a '
+                       'PNG or JPEG file') from None
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise DatasetError(f'{path}: cannot be read as an image ({e}); remove or replace it') from None
+
+
+def cache_key(listing: Listing, image_size: int) -> str:
+  """A digest of every file's relative path, size and modification time, and the image size."""
+  digest = hashlib.sha256(f'{CACHE_VERSION} {image_size}'.encode())
+  for split in SPLITS:
+    for path, label in listing.files[split]:
+      stat = path.stat()
+      digest.update(f'{split}/{path.relative_to(listing.root)} {label} {stat.st_size} '
+                    f'{stat.st_mtime_ns}\n'.encode())
+  return digest.hexdigest()[:24]
+
+
+def default_cache_dir() -> Path:
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return Path(base) / 'gnet_jax' / 'image_folder'
+
+
+def _decode_split(files: tuple[tuple[Path, int], ...], image_size: int, desc: str,
+                  progress: bool) -> tuple[np.ndarray, np.ndarray]:
+  import tqdm
+
+  images = np.zeros((len(files), image_size, image_size, 3), np.uint8)
+  # Pillow releases the GIL while it decodes, so threads use every core.
+  with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+    decoded = pool.map(lambda f: load_rgb(f[0], image_size), files)
+    for i, pixels in enumerate(tqdm.tqdm(decoded, total=len(files), desc=desc, unit='img',
+                                         disable=not progress, leave=False)):
+      images[i] = pixels
+  return images, np.asarray([label for _, label in files], np.int32)
+
+
+def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+  """Atomically (a reader never sees half a file); a cache that cannot be written is skipped."""
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix='.tmp', delete=False) as f:
+      np.savez(f, **arrays)
+    os.replace(f.name, path)
+  except OSError as e:
+    logging.warning('image folder cache not written (%s); the next run decodes again', e)
+
+
+def load(listing: Listing, image_size: int, cache_dir: str | os.PathLike | None = None,
+         progress: bool = False) -> tuple[dict[str, np.ndarray], bool]:
+  """The two splits as uint8 images and int32 labels; ``True`` when they came from the cache."""
+  cache = Path(cache_dir or default_cache_dir()) / f'{cache_key(listing, image_size)}.npz'
+  if cache.is_file():
+    try:
+      with np.load(cache) as saved:
+        return {k: saved[k] for k in saved.files}, True
+    except (OSError, ValueError) as e:  # damaged: decode again and rewrite it
+      logging.warning('image folder cache %s unreadable (%s); decoding again', cache, e)
+  arrays = {}
+  for split in SPLITS:
+    arrays[f'{split}_images'], arrays[f'{split}_labels'] = _decode_split(
+        listing.files[split], image_size, f'decoding {split}', progress)
+  _write_cache(cache, arrays)
+  return arrays, False
