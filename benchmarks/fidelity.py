@@ -552,7 +552,8 @@ def print_summary(result: dict) -> None:
 # ----------------------------------------------------------------------------- plot
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path) -> Any:
+  """The two loss curves over each other, their relative difference below; returns the figure."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -608,6 +609,7 @@ def plot(result: dict, path: Path) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+  return fig
 
 
 # ----------------------------------------------------------------------------- main

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -69,7 +69,8 @@ def format_confusion(confusion: np.ndarray, names: Sequence[str]) -> str:
 
 
 def plot_confusion(confusion: np.ndarray, names: Sequence[str], title: str,
-                   path: str | os.PathLike) -> None:
+                   path: str | os.PathLike) -> Any:
+  """The confusion matrix as a heat map, counts written in; returns the (closed) figure."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -89,15 +90,17 @@ def plot_confusion(confusion: np.ndarray, names: Sequence[str], title: str,
   fig.tight_layout()
   fig.savefig(path, format='png')
   plt.close(fig)
+  return fig
 
 
 def plot_predictions(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
                      names: Sequence[str], title: str, path: str | os.PathLike,
-                     columns: int = 8) -> None:
+                     columns: int = 8) -> Any:
   """A grid of test images titled 'true / predicted' (d2l's ``predict_ch3``); mistakes in red.
 
   A misclassified image gets a red title and a red frame, so the errors stand
   out at a glance; correct ones have a plain black title and no frame.
+  Returns the (closed) figure, so a test can read what was drawn.
   """
   import matplotlib
   matplotlib.use('Agg')
@@ -128,6 +131,7 @@ def plot_predictions(images: np.ndarray, labels: np.ndarray, predictions: np.nda
   fig.tight_layout()
   fig.savefig(path, format='png')
   plt.close(fig)
+  return fig
 
 
 def run(args: argparse.Namespace) -> int:

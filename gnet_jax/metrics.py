@@ -56,11 +56,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(history: list[dict], path: str | os.PathLike, points: list[dict] = ()) -> None:
+def plot_curves(history: list[dict], path: str | os.PathLike, points: list[dict] = ()) -> Any:
   """Train loss, train acc and test acc against epoch, like the d2l live plot.
 
   ``points`` (rows of ``steps.jsonl``) add the intra-epoch training loss and
-  accuracy, so a short run draws a curve rather than a few dots.
+  accuracy, so a short run draws a curve rather than a few dots. Returns the
+  (closed) figure, so a test can read what was drawn.
   """
   import matplotlib
   import matplotlib.ticker
@@ -88,6 +89,7 @@ def plot_curves(history: list[dict], path: str | os.PathLike, points: list[dict]
   fig.tight_layout()
   _atomic_write(Path(path), lambda p: fig.savefig(p, format='png'))
   plt.close(fig)
+  return fig
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> tqdm.tqdm:

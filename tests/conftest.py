@@ -124,3 +124,18 @@ class TinyNet(nn.Module):
     keys = None if example_keys is None else jax.vmap(
         lambda k: jax.random.fold_in(k, 1))(example_keys)
     return logits, [head(x, keys).astype(jnp.float32)]
+
+
+def read_png(path: Path) -> np.ndarray:
+  """A PNG file's RGB pixels, decoded (height, width, 3): plot tests check what was drawn."""
+  from PIL import Image
+  with Image.open(path) as image:
+    assert image.format == 'PNG', image.format
+    return np.asarray(image.convert('RGB'))
+
+
+def pixels_of_color(pixels: np.ndarray, color: str, tolerance: int = 40) -> int:
+  """How many pixels are within ``tolerance`` (per channel) of a matplotlib ``color``."""
+  from matplotlib import colors
+  rgb = np.round(np.asarray(colors.to_rgb(color)) * 255).astype(int)
+  return int(np.sum(np.abs(pixels.astype(int) - rgb).max(-1) <= tolerance))

@@ -7,11 +7,9 @@ with ``checkpoint.save_state``): the plumbing is what is tested, not accuracy.
 import numpy as np
 import pytest
 
-from conftest import make_images
+from conftest import make_images, pixels_of_color, read_png
 
-from gnet_jax import checkpoint, evaluate
-
-PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+from gnet_jax import evaluate
 
 
 @pytest.fixture(scope='module')
@@ -50,21 +48,32 @@ def test_plot_predictions_writes_a_grid(tmp_path, result):
   predictions = labels.copy()
   predictions[::5] = (predictions[::5] + 1) % 10  # 7 mistakes among 32, to mark in red
   path = tmp_path / 'predictions.png'
-  evaluate.plot_predictions(examples['images'][:32], labels, predictions,
-                            result['class_names'], 'fashion_mnist, step 0: the first 32', path)
-  data = path.read_bytes()
-  assert data[:8] == PNG_MAGIC
-  assert 20_000 < len(data) < 1_000_000
-  width, height = int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
-  assert (width, height) == (1200, 750)  # 8 x 4 subplots of 1.5 x 1.75 in, at 100 dpi
+  fig = evaluate.plot_predictions(examples['images'][:32], labels, predictions,
+                                  result['class_names'], 'fashion_mnist, step 0: the first 32',
+                                  path)
+  assert read_png(path).shape == (750, 1200, 3)  # 8 x 4 subplots of 1.5 x 1.75 in, at 100 dpi
+  names = result['class_names']
+  for i, ax in enumerate(fig.axes):  # each image under its own title, mistakes in red
+    np.testing.assert_array_equal(ax.get_images()[0].get_array(), examples['images'][i][..., 0])
+    assert ax.get_title() == f'true: {names[labels[i]]}\npred: {names[predictions[i]]}'
+    assert (ax.title.get_color() == 'red') == (i % 5 == 0)
+  assert fig.get_suptitle().endswith('7 of 32 misclassified (red)')
+  # The red frames reach the file: seven frames of red pixels, none when all are right.
+  red = pixels_of_color(read_png(path), 'red', tolerance=60)
+  evaluate.plot_predictions(examples['images'][:32], labels, labels, names, 'right', path)
+  assert red > 7 * 1000 and pixels_of_color(read_png(path), 'red', tolerance=60) < 50
 
 
 def test_plot_predictions_handles_a_partial_row(tmp_path, result):
   examples = result['examples']
   path = tmp_path / 'few.png'
-  evaluate.plot_predictions(examples['images'][:3], examples['labels'][:3],
-                            examples['predictions'][:3], result['class_names'], 'three', path)
-  assert path.read_bytes()[:8] == PNG_MAGIC
+  fig = evaluate.plot_predictions(examples['images'][:3], examples['labels'][:3],
+                                  examples['predictions'][:3], result['class_names'], 'three',
+                                  path)
+  assert len(fig.axes) == 3  # one row of three, no empty cells
+  pixels = read_png(path)
+  assert pixels.shape == (225, 450, 3)  # 3 x 1 subplots of 1.5 x 1.75 in (+0.5 in), 100 dpi
+  assert pixels.min() < 50 and pixels.max() > 200  # images drawn, not a blank canvas
 
 
 def test_command_saves_predictions_beside_confusion(workdir, capsys):
@@ -72,4 +81,7 @@ def test_command_saves_predictions_beside_confusion(workdir, capsys):
   out = capsys.readouterr().out
   assert f'saved {workdir / "confusion.png"}' in out
   assert f'saved {workdir / "predictions.png"}' in out
-  assert (workdir / 'predictions.png').read_bytes()[:8] == PNG_MAGIC
+  assert read_png(workdir / 'predictions.png').shape == (750, 1200, 3)  # the first 32 images
+  confusion = read_png(workdir / 'confusion.png')
+  assert confusion.shape == (600, 700, 3)  # 7 x 6 in at 100 dpi
+  assert pixels_of_color(confusion, '#08306b', tolerance=30) > 100  # the largest count's cell

@@ -8,11 +8,12 @@ docs/fidelity.md.
 import json
 import sys
 
+import matplotlib.colors
 import pytest
 
 torch = pytest.importorskip('torch')
 
-from conftest import REPO  # noqa: E402
+from conftest import REPO, pixels_of_color, read_png  # noqa: E402
 
 sys.path.insert(0, str(REPO / 'benchmarks'))
 import fidelity  # noqa: E402
@@ -53,16 +54,28 @@ def test_losses_agree_step_by_step(tiny_run, capsys):
     assert e['jax']['loss'] == pytest.approx(e['torch']['loss'], rel=1e-4)
 
 
-def test_plot_is_written(tiny_run):
+def test_plot_is_written(tiny_run, tmp_path):
   _, out = tiny_run
-  png = (out / 'fidelity.png').read_bytes()
-  assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
+  pixels = read_png(out / 'fidelity.png')
+  assert pixels.shape == (770, 990, 3)  # 9 x 7 in at 110 dpi
+  # Both loss curves and the relative difference reached the file (a legend line: < 100).
+  orange_on_white = tuple(0.7 * c + 0.3 for c in matplotlib.colors.to_rgb('tab:orange'))
+  for color in ('tab:blue', orange_on_white, 'tab:red'):  # PyTorch's curve has alpha 0.7
+    assert pixels_of_color(pixels, color) > 200, color
+  # The curves are the recorded losses (redrawn from fidelity.json, as --replot does).
+  result = json.loads((out / 'fidelity.json').read_text())
+  fig = fidelity.plot(result, tmp_path / 'again.png')
+  losses = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}
+  assert losses['gnet-jax'] == result['jax_loss']
+  assert losses['PyTorch original'] == result['torch_loss']
+  assert list(fig.axes[0].get_lines()[0].get_xdata()) == result['steps']
 
 
 @pytest.mark.parametrize('extra, message', [
     (['--config.aux_weight=0.3'], 'aux_weight=0.3'),
     (['--config.no_such_key=1'], 'no_such_key'),
     (['--config', 'configs/missing.py'], 'configs/missing.py'),
+    (['--config.optimizer=rmsprop'], "optimizer must be one of 'sgd', 'adam'"),
 ])
 def test_bad_input_is_one_error_line(extra, message, tmp_path, capsys):
   assert fidelity.main(TINY + ['--steps', '1', '--out', str(tmp_path)] + extra) == 2

@@ -7,7 +7,7 @@ import signal
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from conftest import TinyNet
+from conftest import TinyNet, pixels_of_color, read_png
 from gnet_jax import metrics, preemption, train
 from test_train import loop_config
 
@@ -54,11 +54,22 @@ def test_curves_have_intra_epoch_points(tmp_path):
              {'epoch': 2, 'train_loss': 1.0, 'train_acc': 0.6, 'test_acc': 0.7}]
   points = [{'epoch_progress': i / 5, 'train_loss': 2.3 - i / 10, 'train_acc': i / 10}
             for i in range(1, 11)]
-  metrics.plot_curves(history, tmp_path / 'with.png', points)
-  metrics.plot_curves(history, tmp_path / 'without.png')
-  for name in ('with.png', 'without.png'):
-    assert (tmp_path / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  assert (tmp_path / 'with.png').read_bytes() != (tmp_path / 'without.png').read_bytes()
+  drawn = {'with': metrics.plot_curves(history, tmp_path / 'with.png', points),
+           'without': metrics.plot_curves(history, tmp_path / 'without.png')}
+  lines = {name: {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                  for line in fig.axes[0].get_lines()} for name, fig in drawn.items()}
+  assert lines['with']['train loss'] == ([p['epoch_progress'] for p in points],
+                                         [p['train_loss'] for p in points])
+  assert lines['with']['train acc'] == ([p['epoch_progress'] for p in points],
+                                        [p['train_acc'] for p in points])
+  assert lines['without']['train loss'] == ([1, 2], [2.0, 1.0])
+  assert lines['without']['train acc'] == ([1, 2], [0.2, 0.6])
+  for name in ('with', 'without'):
+    assert lines[name]['test acc'] == ([1, 2], [0.3, 0.7])
+    pixels = read_png(tmp_path / f'{name}.png')
+    assert pixels.shape == (350, 500, 3)  # 5 x 3.5 in at 100 dpi
+    for color in ('C0', 'C1', 'C2'):  # each curve reached the file, not just the axes
+      assert pixels_of_color(pixels, color) > 150, (name, color)  # a legend entry alone: < 70
 
 
 def test_jsonl_round_trip_is_atomic(tmp_path):
