@@ -134,7 +134,7 @@ def read_png(path: Path) -> np.ndarray:
     return np.asarray(image.convert('RGB'))
 
 
-def pixels_of_color(pixels: np.ndarray, color: str, tolerance: int = 40) -> int:
+def pixels_of_color(pixels: np.ndarray, color: str | tuple[float, ...], tolerance: int = 40) -> int:
   """How many pixels are within ``tolerance`` (per channel) of a matplotlib ``color``."""
   from matplotlib import colors
   rgb = np.round(np.asarray(colors.to_rgb(color)) * 255).astype(int)
