@@ -58,7 +58,7 @@ def main(argv=None) -> int:
   parser.add_argument('--sizes', default='28,96')
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--seconds', type=float, default=3.0, help='time limit per measurement')
-  parser.add_argument('--dataset', default='fashion_mnist', choices=config_lib.choices('dataset'))
+  parser.add_argument('--dataset', default='fashion_mnist', choices=sorted(input_pipeline.SPECS))
   args = parser.parse_args(argv)
 
   images, labels, source = load_images(args.dataset)

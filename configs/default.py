@@ -10,12 +10,24 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Data.
-  config.dataset = 'fashion_mnist'  # 'mnist' or 'fashion_mnist'
+  # 'mnist', 'fashion_mnist', 'image_folder' (data_dir/train/<class>/, data_dir/test/<class>/)
+  # or, with data_source='tfds', any tensorflow-datasets image classification set.
+  config.dataset = 'fashion_mnist'
   config.data_source = 'auto'  # 'auto' (local IDX files if found, else tfds), 'idx' or 'tfds'
-  config.data_dir = ''  # IDX folder (idx/auto) or tensorflow-datasets data_dir (tfds)
+  config.data_dir = ''  # IDX folder, image folder, or tensorflow-datasets data_dir (tfds)
+  config.train_split = 'train'  # tensorflow-datasets split names (slices like 'train[:90%]' work)
+  config.test_split = 'test'
   config.image_size = 96  # images are resized on device to image_size x image_size
   config.train_examples = -1  # first N training examples only; -1 = all
   config.eval_examples = -1  # first N test examples only; -1 = all
+  # Per-channel mean/std of the training images, subtracted and divided by; saved with the
+  # checkpoint. Off in the book's recipe, which feeds [0, 1].
+  config.normalize = False
+  # Augmentation on device, off in the book's recipe: crop 'none', 'pad' (zero-pad by
+  # augment_padding, crop back at a random place) or 'resized' (random-resized crop).
+  config.augment_crop = 'none'
+  config.augment_padding = 4
+  config.augment_flip = False  # random horizontal flips
   # Model.
   config.aux_weight = 0.0  # > 0 adds GoogLeNet's two auxiliary heads to the training loss
   config.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
@@ -26,6 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Optimisation (the reference recipe: plain SGD, lr 0.1, batch 128).
   config.optimizer = 'sgd'  # 'sgd' or 'adam'
   config.learning_rate = 0.1
+  # 'constant' (the book's), 'warmup_cosine' (linear warmup over warmup_epochs, then cosine
+  # decay to 0 at the last step) or 'step' (times lr_decay_factor every lr_decay_epochs).
+  config.lr_schedule = 'constant'
+  config.warmup_epochs = 0.0
+  config.lr_decay_epochs = 30
+  config.lr_decay_factor = 0.1
+  config.weight_decay = 0.0  # sgd: added to the gradient (L2); adam: decoupled (AdamW)
   config.momentum = 0.0  # sgd only
   config.nesterov = False  # sgd only
   config.batch_size = 128  # global batch, split across devices and processes

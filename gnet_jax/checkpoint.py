@@ -33,7 +33,7 @@ from gnet_jax import config as config_lib
 from gnet_jax.errors import CheckpointError
 
 CHECKPOINT_DIR = 'checkpoints'
-ITEMS = ('state', 'config')
+ITEMS = ('state', 'config', 'dataset')  # dataset: a DatasetSpec as JSON (older checkpoints lack it)
 
 # Config keys that may change between a checkpoint and the run resuming from it:
 # how long to train, how to report, how to checkpoint, where the data folder is
@@ -85,15 +85,19 @@ def config_dict(config: ml_collections.ConfigDict | dict) -> dict:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         config: ml_collections.ConfigDict | dict) -> None:
+         config: ml_collections.ConfigDict | dict, dataset: dict | None = None) -> None:
   """Starts saving ``state`` (one unreplicated replica, host or device) at ``step``.
 
-  Returns once the data is copied; writing goes on in the background. Call
-  ``manager.wait_until_finished()`` before relying on it.
+  ``dataset`` (a ``DatasetSpec.to_json()``: class names, image shape,
+  normalisation) is saved beside it, so commands on the run need only the
+  workdir. Returns once the data is copied; writing goes on in the
+  background. Call ``manager.wait_until_finished()`` before relying on it.
   """
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(host_tree(state)),
-      config=ocp.args.JsonSave(config_dict(config))), force=True)
+  items = {'state': ocp.args.StandardSave(host_tree(state)),
+           'config': ocp.args.JsonSave(config_dict(config))}
+  if dataset is not None:
+    items['dataset'] = ocp.args.JsonSave(dataset)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
 def bytes_needed(state: Any, config: ml_collections.ConfigDict) -> int:
@@ -286,6 +290,28 @@ def read_newest_config(workdir: str | Path, step: int | None = None) -> ml_colle
     # None readable: restore() reports every step and raises CheckpointError.
     restore(manager, {}, step=step)
     raise CheckpointError(f'no readable checkpoint in {manager.directory}')
+  finally:
+    manager.close()
+
+
+def read_dataset_spec(workdir: str | Path, step: int | None = None) -> dict | None:
+  """The data set spec saved with the newest checkpoint (or ``step``'s) that has one.
+
+  None for checkpoints saved before specs were (the MNIST family's fixed spec
+  applies to them).
+  """
+  manager = _open_existing(workdir)
+  try:
+    steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+    for s in steps:
+      if not (checkpoint_dir(workdir) / str(s) / 'dataset').is_dir():
+        continue
+      try:
+        return manager.restore(s, args=ocp.args.Composite(
+            dataset=ocp.args.JsonRestore())).dataset
+      except Exception:  # pylint: disable=broad-except  (damaged: restore() reports it)
+        continue
+    return None
   finally:
     manager.close()
 

@@ -107,7 +107,8 @@ def train(config, workdir: str, summary: bool = False) -> int:
 
   config_lib.validate(config)
   if summary:
-    spec = input_pipeline.dataset_spec(config.dataset)
+    spec = (input_pipeline.dataset_spec(config.dataset) if config.dataset in input_pipeline.SPECS
+            else tr.load_data(config, train_examples=0).spec)  # classes from the data itself
     size = config.image_size
     print(models.summary(state.create_model(config, spec), (size, size, spec.image_shape[-1])))
     return 0

@@ -62,18 +62,30 @@ def _str():
 
 
 RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
-    'dataset': _choice('mnist', 'fashion_mnist'),
+    # Any name is a tensorflow-datasets set with data_source='tfds' (checked in validate).
+    'dataset': _str(),
     'data_source': _choice('auto', 'idx', 'tfds'),
     'data_dir': _str(),
+    'train_split': _str(),
+    'test_split': _str(),
     'image_size': _int(MIN_IMAGE_SIZE, 1024),
     'train_examples': _int(-1),
     'eval_examples': _int(-1),
+    'normalize': _bool(),
+    'augment_crop': _choice('none', 'pad', 'resized'),
+    'augment_padding': _int(0, 256),
+    'augment_flip': _bool(),
     'aux_weight': _float(0.0),
     'dtype': _choice('float32', 'bfloat16'),
     'kernels': _choice('auto', 'xla', 'custom'),
     'bias_init': _choice('zeros', 'torch'),
     'optimizer': _choice('sgd', 'adam'),
     'learning_rate': _float(0.0, lo_open=True),
+    'lr_schedule': _choice('constant', 'warmup_cosine', 'step'),
+    'warmup_epochs': _float(0.0),
+    'lr_decay_epochs': _int(1),
+    'lr_decay_factor': _float(0.0, 1.0, lo_open=True),
+    'weight_decay': _float(0.0),
     'momentum': _float(0.0, 1.0),
     'nesterov': _bool(),
     'batch_size': _int(1),
@@ -94,6 +106,9 @@ RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     'compilation_cache': _str(),
 }
 
+
+# Data sets read without tensorflow-datasets (IDX files, or an image folder).
+LOCAL_DATASETS = ('mnist', 'fashion_mnist', 'image_folder')
 
 # Every key's default; a config file overrides some of them.
 DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / 'configs' / 'default.py'
@@ -133,6 +148,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       typed = True
     if not typed or not ok(value):
       raise ConfigError(f'--config.{key}={value!r} is not allowed; {key} must be {allowed}')
+  if config.dataset not in LOCAL_DATASETS and config.data_source != 'tfds':
+    raise ConfigError(f'--config.dataset={config.dataset!r} is not allowed with data_source '
+                      f'{config.data_source!r}; use one of {", ".join(map(repr, LOCAL_DATASETS))}, '
+                      'or add --config.data_source=tfds for a tensorflow-datasets set')
+  if config.dataset == 'image_folder' and not config.data_dir:
+    raise ConfigError('--config.dataset=image_folder needs --config.data_dir=DIR, the folder '
+                      'holding train/<class>/ and test/<class>/')
   if config.train_examples == 0:
     raise ConfigError('--config.train_examples=0 leaves nothing to train on; use -1 (all) '
                       'or a positive number')

@@ -37,19 +37,20 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None,
 
   from gnet_jax import input_pipeline, parallel, predict, state as state_lib, train
 
-  state, config, step = state_lib.load_checkpoint(workdir, step)
-  spec = input_pipeline.dataset_spec(config.dataset)
+  state, config, step, spec = state_lib.load_checkpoint(workdir, step)
   # The full test split, whatever eval_examples the run used; no training data needed.
   data = input_pipeline.load_dataset(config.dataset, config.data_source, config.data_dir,
-                                     train_examples=0, eval_examples=-1)
+                                     train_examples=0, eval_examples=-1,
+                                     splits=(config.train_split, config.test_split),
+                                     image_size=config.image_size)
   runner = parallel.make_runner(ml_collections.ConfigDict(
       {'batch_size': config.batch_size, 'parallelism': 'none', 'num_devices': 0}))
   model = state_lib.create_model(config, spec)
-  eval_fn = train.compile_eval(runner, model, config.image_size, spec.num_classes)
+  eval_fn = train.compile_eval(runner, model, config.image_size, spec)
   result = train.evaluate(runner, eval_fn, runner.put_state(state.params), data.test_images,
                           data.test_labels, train.eval_batch_size(config, 1))
   images = data.test_images[:num_examples]
-  predict_fn = predict.make_predict_fn(model, state.params, config.image_size)
+  predict_fn = predict.make_predict_fn(model, state.params, config.image_size, spec.normalization)
   examples = {'images': images, 'labels': np.asarray(data.test_labels[:num_examples]),
               'predictions': (predict_fn(images).argmax(-1) if len(images)
                               else np.zeros((0,), np.int64))}

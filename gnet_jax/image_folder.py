@@ -93,6 +93,12 @@ def scan(root: str | os.PathLike) -> Listing:
   return Listing(root, tuple(train_names), files, ignored)
 
 
+def fit_square(image, image_size: int):
+  """A Pillow image scaled so its shorter side is ``image_size``, centre-cropped to a square."""
+  from PIL import Image, ImageOps
+  return ImageOps.fit(image, (image_size, image_size), method=Image.Resampling.BILINEAR)
+
+
 def load_rgb(path: str | os.PathLike, image_size: int) -> np.ndarray:
   """One file as training sees it: uint8 ``[image_size, image_size, 3]``.
 
@@ -112,8 +118,7 @@ def load_rgb(path: str | os.PathLike, image_size: int) -> np.ndarray:
         wide = wide / 257 if wide.max() > 255 else wide
         image = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), 'L')
       rgb = image.convert('RGBA').convert('RGB') if image.mode == 'P' else image.convert('RGB')
-      fitted = ImageOps.fit(rgb, (image_size, image_size), method=Image.Resampling.BILINEAR)
-      return np.asarray(fitted, np.uint8)
+      return np.asarray(fit_square(rgb, image_size), np.uint8)
   except UnidentifiedImageError:
     raise DatasetError(f'{path}: not an image Pillow can read; remove it or replace it with a '
                        'PNG or JPEG file') from None

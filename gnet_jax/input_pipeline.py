@@ -47,10 +47,22 @@ class DatasetSpec:
   name: str
   image_shape: tuple[int, int, int]  # stored (H, W, C)
   class_names: tuple[str, ...]
+  # Per-channel (mean, std) of the training images in [0, 1], subtracted and divided
+  # by in ``preprocess``; None feeds [0, 1] as the book does.
+  normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, saved: dict) -> 'DatasetSpec':
+    norm = saved.get('normalization')
+    return cls(saved['name'], tuple(saved['image_shape']), tuple(saved['class_names']),
+               (tuple(norm[0]), tuple(norm[1])) if norm else None)
 
 
 SPECS = {
@@ -73,6 +85,7 @@ class Dataset:
   test_images: np.ndarray
   test_labels: np.ndarray
   source: str  # human-readable: where the data came from
+  spec: DatasetSpec
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -145,7 +158,7 @@ def find_idx_files(folder: str | os.PathLike, dataset: str) -> dict[str, Path] |
   return None
 
 
-def load_idx(files: dict[str, Path]) -> Dataset:
+def load_idx(files: dict[str, Path], dataset: str) -> Dataset:
   arrays = {key: read_idx(path, key.split('_')[1]) for key, path in files.items()}
   for split in ('train', 'test'):
     images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
@@ -158,14 +171,20 @@ def load_idx(files: dict[str, Path]) -> Dataset:
                          f'(found {labels.min()}..{labels.max()}); wrong or damaged file')
   folder = files['train_images'].parent
   return Dataset(arrays['train_images'], arrays['train_labels'], arrays['test_images'],
-                 arrays['test_labels'], source=f'idx files in {folder}')
+                 arrays['test_labels'], source=f'idx files in {folder}', spec=SPECS[dataset])
 
 
 # ----------------------------------------------------------------------------- TFDS
 
 
-def load_tfds(dataset: str, data_dir: str | None) -> Dataset:
-  """Reads ``dataset`` through ``tfds.data_source``, downloading and preparing it if needed.
+def _tfds_missing_hint(dataset: str) -> str:
+  if dataset in SPECS:
+    return 'or point --config.data_dir at a folder with the four IDX files'
+  return f'or prepare {dataset} on a machine with internet and copy its data_dir here'
+
+
+def _tfds_sources(dataset: str, data_dir: str | None, splits: tuple[str, str]):
+  """One random-access source per split, downloading and preparing the set if needed.
 
   Reading a prepared copy needs no TensorFlow; downloading and preparing does
   (the ``tfds`` extra installs ``tensorflow-cpu``).
@@ -173,78 +192,189 @@ def load_tfds(dataset: str, data_dir: str | None) -> Dataset:
   try:
     import tensorflow_datasets as tfds
   except ImportError:
-    raise DatasetError(f'{dataset} is not on this machine as IDX files, and downloading it needs '
-                       "internet and the tfds extra: pip install -e '.[tfds]' (tensorflow-datasets "
-                       'and TensorFlow); or point --config.data_dir at a folder with the four '
-                       'IDX files') from None
-  builder = tfds.builder(dataset, data_dir=data_dir or None)
+    raise DatasetError(f"{dataset} needs tensorflow-datasets: pip install -e '.[tfds]' "
+                       f'(and internet to download it); {_tfds_missing_hint(dataset)}') from None
+  try:
+    builder = tfds.builder(dataset, data_dir=data_dir or None)
+  except Exception as e:  # tfds raises DatasetNotFoundError and others for unknown names
+    raise DatasetError(f'tensorflow-datasets has no data set {dataset!r} ({e}); see '
+                       'https://www.tensorflow.org/datasets/catalog for the names') from None
   try:  # a prepared copy (or tfds.testing.mock_data) reads without TensorFlow
-    sources = {split: tfds.data_source(dataset, split=split, data_dir=data_dir or None,
-                                       download=False) for split in ('train', 'test')}
-  except Exception:  # not prepared: tfds raises assorted types here
-    sources = None
-  if sources is None:
-    try:
-      import tensorflow  # noqa: F401  (tfds needs it to download and prepare)
-    except ImportError:
-      raise DatasetError(
-          f'{dataset} is not prepared in {builder.data_dir}, and downloading it needs internet '
-          "and the tfds extra: pip install -e '.[tfds]' (adds TensorFlow); or point "
-          '--config.data_dir at a folder with the four IDX files') from None
-    try:
-      builder.download_and_prepare()
-    except Exception as e:  # network errors come in many types; name them all the same way
-      raise DatasetError(f'could not download {dataset} with tensorflow-datasets ({e}); '
-                         'check the internet connection, or point --config.data_dir at '
-                         'a folder with the four IDX files') from None
-    sources = {split: builder.as_data_source(split=split) for split in ('train', 'test')}
-  arrays = {}
-  for split in ('train', 'test'):
+    return builder, {split: tfds.data_source(dataset, split=split, data_dir=data_dir or None,
+                                             download=False) for split in splits}
+  except Exception:  # not prepared (or a bad split name): tfds raises assorted types here
+    pass
+  try:
+    import tensorflow  # noqa: F401  (tfds needs it to download and prepare)
+  except ImportError:
+    raise DatasetError(
+        f'{dataset} is not prepared in {builder.data_dir}, and downloading it needs internet '
+        f"and the tfds extra: pip install -e '.[tfds]' (adds TensorFlow); "
+        f'{_tfds_missing_hint(dataset)}') from None
+  try:
+    builder.download_and_prepare()
+    return builder, {split: builder.as_data_source(split=split) for split in splits}
+  except Exception as e:  # network errors and bad split names come in many types
+    raise DatasetError(f'could not read {dataset} splits {", ".join(splits)} with '
+                       f'tensorflow-datasets ({e}); check the internet connection and the '
+                       f'split names (--config.train_split / test_split); '
+                       f'{_tfds_missing_hint(dataset)}') from None
+
+
+def _tfds_spec(dataset: str, builder) -> tuple[tuple, tuple[str, ...]]:
+  """The image feature's shape and the class names, or an error for a non-classification set."""
+  features = builder.info.features
+  if 'image' not in features or 'label' not in features or not hasattr(
+      features['label'], 'names'):
+    raise DatasetError(f'{dataset} is not an image classification set: gnet-jax needs an '
+                       f"'image' and a class 'label' feature; it has {', '.join(features)}")
+  return tuple(features['image'].shape), tuple(features['label'].names)
+
+
+def available_memory() -> int:
+  """Bytes of memory this machine can still give (MemAvailable), or 0 when unknown."""
+  try:
+    for line in Path('/proc/meminfo').read_text().splitlines():
+      if line.startswith('MemAvailable:'):
+        return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 0
+
+
+def check_fits_in_memory(what: str, num_images: int, shape: tuple[int, int, int]) -> None:
+  """Refuses, before reading, data whose uint8 arrays would not fit in memory."""
+  need, have = num_images * int(np.prod(shape)), available_memory()
+  if have and need > 0.8 * have:
+    raise DatasetError(
+        f'{what}: {num_images} images of {shape[0]}x{shape[1]}x{shape[2]} need '
+        f'{need / 2**30:.1f} GiB in memory, and {have / 2**30:.1f} GiB is available; use a '
+        'slice of the splits (e.g. --config.train_split=train[:25%]), a smaller '
+        '--config.image_size, or a machine with more memory (streaming is not supported yet)')
+
+
+def _fit_array(pixels: np.ndarray, image_size: int) -> np.ndarray:
+  from PIL import Image
+
+  from gnet_jax import image_folder
+  image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+  fitted = image_folder.fit_square(image, image_size)
+  return np.asarray(fitted, np.uint8).reshape(image_size, image_size, pixels.shape[-1])
+
+
+def load_tfds(dataset: str, data_dir: str | None, splits: tuple[str, str] = ('train', 'test'),
+              image_size: int | None = None, progress: bool = False) -> Dataset:
+  """Any tensorflow-datasets image classification set, both splits in memory as uint8.
+
+  Images of a fixed stored size stay at it (resized on the device); sets of
+  varying sizes are fitted to ``image_size`` squares while read (shorter side,
+  centre crop, as ``image_folder``).
+  """
+  import tqdm
+
+  builder, sources = _tfds_sources(dataset, data_dir, splits)
+  stored, class_names = _tfds_spec(dataset, builder)
+  fixed = all(d is not None for d in stored)
+  shape = stored if fixed else (image_size, image_size, stored[-1] or 3)
+  check_fits_in_memory(f'{dataset} ({", ".join(splits)})',
+                       sum(len(sources[s]) for s in splits), shape)
+  arrays = []
+  for split in splits:
     source = sources[split]
-    records = [source[i] for i in range(len(source))]
-    images = np.stack([np.asarray(r['image'], np.uint8) for r in records]) if records else (
-        np.zeros((0, 28, 28, 1), np.uint8))
-    labels = np.asarray([int(r['label']) for r in records], np.int32)
-    arrays[split] = (images.reshape(images.shape[:3] + (-1,)), labels)
-  return Dataset(*arrays['train'], *arrays['test'],
-                 source=f'tensorflow-datasets {dataset} in {builder.data_dir}')
+    images = np.zeros((len(source),) + shape, np.uint8)
+    labels = np.zeros(len(source), np.int32)
+    for i in tqdm.trange(len(source), desc=f'reading {split}', disable=not progress,
+                         leave=False):
+      record = source[i]
+      pixels = np.asarray(record['image'], np.uint8).reshape(record['image'].shape[:2] + (-1,))
+      images[i] = pixels if fixed else _fit_array(pixels, image_size)
+      labels[i] = int(record['label'])
+    arrays += [images, labels]
+  spec = SPECS.get(dataset) or DatasetSpec(dataset, shape, class_names)
+  return Dataset(*arrays, source=f'tensorflow-datasets {dataset} in {builder.data_dir}', spec=spec)
+
+
+def load_image_folder(data_dir: str, image_size: int, progress: bool = False) -> Dataset:
+  """``data_dir``'s train/ and test/ class folders (see ``gnet_jax.image_folder``)."""
+  from gnet_jax import image_folder
+
+  listing = image_folder.scan(data_dir)
+  check_fits_in_memory(str(data_dir), sum(map(len, listing.files.values())),
+                       (image_size, image_size, 3))
+  arrays, cached = image_folder.load(listing, image_size, progress=progress)
+  how = 'decoded once, from the cache' if cached else 'decoded'
+  ignored = f'; {listing.ignored} non-image files ignored' if listing.ignored else ''
+  return Dataset(arrays['train_images'], arrays['train_labels'], arrays['test_images'],
+                 arrays['test_labels'], source=f'image folder {data_dir} ({how}{ignored})',
+                 spec=DatasetSpec('image_folder', (image_size, image_size, 3),
+                                  listing.class_names))
 
 
 # ----------------------------------------------------------------------------- choice
 
 
+def _load_idx_or_none(dataset: str, data_source: str, data_dir: str | None) -> Dataset | None:
+  """Local IDX files for the MNIST family (``idx``/``auto``), None to try tensorflow-datasets."""
+  if data_source == 'tfds' or dataset not in SPECS:
+    return None
+  if data_dir and data_source == 'idx' and not Path(data_dir).is_dir():
+    raise DatasetError(f'data_dir {data_dir} does not exist; set --config.data_dir to the '
+                       'folder holding the four IDX files')
+  folders = [data_dir] if data_dir else []
+  if data_source == 'auto' or not data_dir:
+    folders += list(WELL_KNOWN_DIRS[dataset])
+  files = next((f for d in folders if d and Path(d).is_dir()
+                for f in [find_idx_files(d, dataset)] if f), None)
+  if files is None and data_source == 'idx':
+    hint = (' (apt-get install dataset-fashion-mnist puts Fashion-MNIST in '
+            '/usr/share/datasets/fashion-mnist)') if dataset == 'fashion_mnist' else ''
+    raise DatasetError(f'no IDX files for {dataset} in {", ".join(map(str, folders))}; '
+                       f'put train-images-idx3-ubyte[.gz] and its three siblings in '
+                       f'--config.data_dir{hint}')
+  return load_idx(files, dataset) if files else None
+
+
 def load_dataset(dataset: str, data_source: str = 'auto', data_dir: str | None = None,
-                 train_examples: int = -1, eval_examples: int = -1) -> Dataset:
+                 train_examples: int = -1, eval_examples: int = -1, *,
+                 splits: tuple[str, str] = ('train', 'test'), image_size: int | None = None,
+                 progress: bool = False) -> Dataset:
   """Loads ``dataset`` from the source the config names; ``auto`` prefers local IDX files.
 
-  ``dataset`` and ``data_source`` are config values, checked by ``config.validate``.
+  ``image_folder`` reads ``data_dir``'s class folders; any other name than the
+  MNIST family is a tensorflow-datasets set. The values are the config's,
+  checked by ``config.validate``; ``image_size`` is needed where images are
+  fitted while read (image folders, tensorflow-datasets sets of varying size).
   """
   data_dir = data_dir or None
-  if data_source in ('idx', 'auto'):
-    if data_dir and data_source == 'idx' and not Path(data_dir).is_dir():
-      raise DatasetError(f'data_dir {data_dir} does not exist; set --config.data_dir to the '
-                         'folder holding the four IDX files')
-    folders = [data_dir] if data_dir else []
-    if data_source == 'auto' or not data_dir:
-      folders += list(WELL_KNOWN_DIRS[dataset])
-    files = next((f for d in folders if d and Path(d).is_dir()
-                  for f in [find_idx_files(d, dataset)] if f), None)
-    if files is None and data_source == 'idx':
-      hint = (' (apt-get install dataset-fashion-mnist puts Fashion-MNIST in '
-              '/usr/share/datasets/fashion-mnist)') if dataset == 'fashion_mnist' else ''
-      raise DatasetError(f'no IDX files for {dataset} in {", ".join(map(str, folders))}; '
-                         f'put train-images-idx3-ubyte[.gz] and its three siblings in '
-                         f'--config.data_dir{hint}')
-    data = load_idx(files) if files else None
+  if dataset == 'image_folder':
+    data = load_image_folder(data_dir, image_size, progress)
   else:
-    data = None
-  if data is None:
-    data = load_tfds(dataset, data_dir if data_source == 'tfds' else None)
+    data = _load_idx_or_none(dataset, data_source, data_dir)
+    if data is None:
+      data = load_tfds(dataset, data_dir if data_source == 'tfds' else None, splits,
+                       image_size, progress)
   if train_examples >= 0 or eval_examples >= 0:
     data = subset(data, train_examples, eval_examples)
   logging.info('dataset %s: %d train / %d test examples of shape %s from %s', dataset,
                len(data.train_labels), len(data.test_labels), data.image_shape, data.source)
   return data
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel mean and standard deviation of uint8 ``images`` scaled to [0, 1].
+
+  Summed in float64 one chunk at a time, so a large set needs no float copy.
+  """
+  channels = images.shape[-1]
+  total, squares, count = np.zeros(channels), np.zeros(channels), 0
+  for start in range(0, len(images), 4096):
+    chunk = images[start:start + 4096].reshape(-1, channels).astype(np.float64) / 255.0
+    total += chunk.sum(0)
+    squares += (chunk ** 2).sum(0)
+    count += len(chunk)
+  mean = total / max(count, 1)
+  std = np.sqrt(np.maximum(squares / max(count, 1) - mean ** 2, 0.0))
+  return tuple(float(m) for m in mean), tuple(float(max(s, 1e-3)) for s in std)
 
 
 def subset(data: Dataset, train_examples: int, eval_examples: int) -> Dataset:
@@ -259,17 +389,23 @@ def subset(data: Dataset, train_examples: int, eval_examples: int) -> Dataset:
 # ----------------------------------------------------------------------------- batches
 
 
-def preprocess(images: jax.Array, image_size: int) -> jax.Array:
+def preprocess(images: jax.Array, image_size: int,
+               normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+               ) -> jax.Array:
   """uint8 NHWC at stored size -> float32 in [0, 1] at ``image_size`` (on device).
 
   Runs inside the jitted steps (training, evaluation, prediction), so the host
   hands over uint8 batches and does no per-image work. Bilinear with
-  antialiasing, as torchvision's ``Resize`` does by default.
+  antialiasing, as torchvision's ``Resize`` does by default. ``normalization``
+  (a spec's per-channel mean and std) then centres and scales each channel.
   """
   x = images.astype(jnp.float32) / 255.0
   if x.shape[1:3] != (image_size, image_size):
     x = jax.image.resize(x, (x.shape[0], image_size, image_size, x.shape[3]),
                          method='bilinear', antialias=True)
+  if normalization is not None:
+    mean, std = (jnp.asarray(v, jnp.float32) for v in normalization)
+    x = (x - mean) / std
   return x
 
 

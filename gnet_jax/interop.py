@@ -420,7 +420,7 @@ def export_from_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike,
   PyTorch state dict at ``out``; aux heads are left out. Returns a summary."""
   from gnet_jax import state as state_lib  # late import, as above
 
-  state, _, restored_step = state_lib.load_checkpoint(workdir, step)
+  state, _, restored_step, _ = state_lib.load_checkpoint(workdir, step)
   params = state.params
   dropped = [name for name in AUX_HEADS if name in params]
   state_dict = params_to_torch(params, numpy=True)

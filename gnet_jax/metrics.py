@@ -26,7 +26,7 @@ TB_DIR = 'tensorboard'
 PROFILE_DIR = 'profile'
 EPOCH_TAGS = ('train_loss', 'train_acc', 'test_loss', 'test_acc', 'examples_per_sec',
               'learning_rate')
-INTERVAL_TAGS = ('train_loss', 'train_acc')
+INTERVAL_TAGS = ('train_loss', 'train_acc', 'learning_rate')
 
 
 def epoch_line(m: dict, num_epochs: int, device: str) -> str:
@@ -125,8 +125,11 @@ class RunLog:
   """The reports of one run in ``workdir``, carried over from the run it resumes."""
 
   def __init__(self, workdir: Path, config: ml_collections.ConfigDict, steps_per_epoch: int,
-               start_step: int, device_label: str):
+               start_step: int, device_label: str,
+               learning_rate: Callable[[int], float] | None = None):
     self.workdir, self.config = workdir, config
+    # The learning rate of step i (from 0); a constant one without a schedule.
+    self.learning_rate = learning_rate or (lambda i: config.learning_rate)
     self.steps_per_epoch, self.start_step, self.device = steps_per_epoch, start_step, device_label
     self.is_main = jax.process_index() == 0
     self.log_every = resolve_log_every(config.log_every_steps, steps_per_epoch)
@@ -195,7 +198,8 @@ class RunLog:
       return
     point = {'step': step, 'epoch_progress': step / self.steps_per_epoch,
              'train_loss': (float(sums['loss_sum']) - float(self._last['loss_sum'])) / count,
-             'train_acc': (int(sums['correct']) - int(self._last['correct'])) / count}
+             'train_acc': (int(sums['correct']) - int(self._last['correct'])) / count,
+             'learning_rate': float(self.learning_rate(step - 1))}  # the interval's last step's
     self._last = sums
     if not self.is_main:
       return
@@ -221,7 +225,7 @@ class RunLog:
         'examples_per_sec': (self.steps_per_epoch - self._position) * self.config.batch_size
                             / seconds,
         'seconds': seconds,
-        'learning_rate': float(self.config.learning_rate),
+        'learning_rate': float(self.learning_rate(step - 1)),  # the epoch's last step's
     }
     self.history.append(summary)
     if self.is_main:

@@ -98,12 +98,33 @@ def load_image(path: str | os.PathLike, size: tuple[int, int] = (28, 28),
   return np.asarray(fitted, np.uint8)[..., None], do_invert
 
 
+def load_for(spec, path: str | os.PathLike, invert: str = 'auto') -> tuple[np.ndarray, bool]:
+  """One file converted the way ``spec``'s data set stores images; ``(pixels, inverted)``.
+
+  Colour data sets (image folders, tensorflow-datasets sets such as cifar10) read
+  it as training did (``image_folder.load_rgb``: RGB, shorter side, centre
+  crop); the grey MNIST family as ``load_image`` describes.
+  """
+  if spec.image_shape[-1] == 3:
+    from gnet_jax import image_folder
+    if invert not in INVERT_CHOICES:
+      raise InputError(f'--invert {invert!r} is not allowed; choose one of '
+                       f'{", ".join(INVERT_CHOICES)}')
+    path = Path(path)
+    if not path.is_file():
+      raise DatasetError(f'{path}: ' + ('is a folder, not an image file' if path.is_dir()
+                                        else 'no such file'))
+    return image_folder.load_rgb(path, spec.image_shape[0]), False
+  return load_image(path, spec.image_shape[:2], invert)
+
+
 def _batch_size(n: int) -> int:
   """The padded batch for ``n`` images: the next power of two, at most ``MAX_BATCH``."""
   return min(MAX_BATCH, 1 << max(0, n - 1).bit_length())
 
 
-def make_predict_fn(model: Any, params: Any, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
+def make_predict_fn(model: Any, params: Any, image_size: int,
+                    normalization=None) -> Callable[[np.ndarray], np.ndarray]:
   """uint8 NHWC images -> softmax probabilities [N, classes], with one jitted forward pass.
 
   The same preprocessing as training (``input_pipeline.preprocess``), in fixed-size
@@ -115,7 +136,8 @@ def make_predict_fn(model: Any, params: Any, image_size: int) -> Callable[[np.nd
 
   @jax.jit
   def probabilities(params, images):
-    logits = model.apply({'params': params}, input_pipeline.preprocess(images, image_size))
+    logits = model.apply({'params': params},
+                         input_pipeline.preprocess(images, image_size, normalization))
     return jax.nn.softmax(logits.astype(np.float32), axis=-1)
 
   params = jax.device_put(params)
@@ -153,16 +175,16 @@ def predict_images(workdir: str | Path, paths: Sequence[str | os.PathLike],
 
   if not paths:
     raise InputError('no image files given')
-  loaded = [load_image(p, invert=invert) for p in paths]
-  host_state, config, restored_step = state_lib.load_checkpoint(workdir, step)
-  spec = input_pipeline.dataset_spec(config.dataset)
-  for p, (pixels, _) in zip(paths, loaded):  # the loader's 28x28x1 must be what the model saw
+  config, spec = state_lib.read_run(workdir, step)
+  loaded = [load_for(spec, p, invert) for p in paths]
+  for p, (pixels, _) in zip(paths, loaded):  # the loader's shape must be what the model saw
     if pixels.shape != tuple(spec.image_shape):
-      raise DatasetError(f'{p}: converted to {pixels.shape}, but {config.dataset} images are '
+      raise DatasetError(f'{p}: converted to {pixels.shape}, but {spec.name} images are '
                          f'{spec.image_shape}')
+  host_state, config, restored_step, spec = state_lib.load_checkpoint(workdir, step)
   xla_flags.enable_compilation_cache(config.compilation_cache)
   model = state_lib.create_model(config, spec)
-  predict = make_predict_fn(model, host_state.params, config.image_size)
+  predict = make_predict_fn(model, host_state.params, config.image_size, spec.normalization)
   probs = predict(np.stack([pixels for pixels, _ in loaded]))
   return [{'path': str(p), 'top': top_classes(row, spec.class_names), 'inverted': inverted,
            'step': restored_step}

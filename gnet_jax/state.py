@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax
 import flax.linen as nn
@@ -22,10 +22,11 @@ from gnet_jax import checkpoint, config as config_lib, input_pipeline, models
 
 # Validated names (``config.RULES``) -> what they stand for.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Each takes the config and the learning rate (a float, or an optax schedule).
 OPTIMIZERS = {
-    'sgd': lambda c: optax.sgd(c.learning_rate, momentum=c.momentum or None,
-                               nesterov=c.nesterov),
-    'adam': lambda c: optax.adam(c.learning_rate),
+    'sgd': lambda c, lr: optax.sgd(lr, momentum=c.momentum or None, nesterov=c.nesterov),
+    'adam': lambda c, lr: (optax.adamw(lr, weight_decay=c.weight_decay) if c.weight_decay
+                           else optax.adam(lr)),
 }
 
 
@@ -57,13 +58,43 @@ def create_model(config: ml_collections.ConfigDict,
                           dtype=DTYPES[config.dtype], kernels=config.kernels)
 
 
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           steps_per_epoch: int) -> Callable[[int], float]:
+  """The learning rate of each step (counted from 0) under ``config.lr_schedule``.
+
+  ``warmup_cosine``: linear from 0 over ``warmup_epochs``, then a cosine down
+  to 0 at the run's last step (the Flax ImageNet example's schedule). ``step``:
+  times ``lr_decay_factor`` after every ``lr_decay_epochs`` epochs.
+  """
+  lr = config.learning_rate
+  if config.lr_schedule == 'warmup_cosine':
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    total = max(config.num_epochs * steps_per_epoch, warmup + 1)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, end_value=0.0)
+  if config.lr_schedule == 'step':
+    return optax.exponential_decay(lr, config.lr_decay_epochs * steps_per_epoch,
+                                   config.lr_decay_factor, staircase=True)
+  return optax.constant_schedule(lr)
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     steps_per_epoch: int = 1) -> optax.GradientTransformation:
   """Plain SGD as in the reference (momentum and Nesterov when asked), or Adam.
 
   Adam gets this normalisation-free network off its initial plateau within a
   few hundred steps, where SGD needs a few epochs; the quickstart uses it.
+  A constant learning rate stays a plain float (the optimizer state of the
+  book's recipe is what it always was); a schedule counts steps in the
+  optimizer state, so a resumed run continues it exactly. ``weight_decay``:
+  decoupled for Adam (AdamW), added to SGD's gradient (L2, as PyTorch's SGD).
+  ``steps_per_epoch`` only scales a schedule's epochs to steps.
   """
-  return OPTIMIZERS[config.optimizer](config)
+  lr = (config.learning_rate if config.lr_schedule == 'constant'
+        else learning_rate_schedule(config, steps_per_epoch))
+  tx = OPTIMIZERS[config.optimizer](config, lr)
+  if config.weight_decay and config.optimizer == 'sgd':
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
+  return tx
 
 
 def _path_seed(seed: int, path: tuple) -> list[int]:
@@ -135,23 +166,51 @@ def create_train_state(config: ml_collections.ConfigDict, spec: input_pipeline.D
                     metrics=zero_metrics())
 
 
-def build(config: ml_collections.ConfigDict, spec: input_pipeline.DatasetSpec | None = None
+def build(config: ml_collections.ConfigDict, spec: input_pipeline.DatasetSpec | None = None,
+          steps_per_epoch: int = 1
           ) -> tuple[models.GoogLeNet, optax.GradientTransformation, TrainState]:
-  """Model, optimizer and initial host state for ``config`` (dataset from the config)."""
+  """Model, optimizer and initial host state for ``config`` and its data set's ``spec``.
+
+  Without ``spec``, the MNIST family's fixed one (``input_pipeline.dataset_spec``).
+  """
   spec = spec or input_pipeline.dataset_spec(config.dataset)
-  model, tx = create_model(config, spec), create_optimizer(config)
+  model, tx = create_model(config, spec), create_optimizer(config, steps_per_epoch)
   return model, tx, create_train_state(config, spec, model, tx)
 
 
-def load_checkpoint(workdir: str | Path, step: int | None = None
-                    ) -> tuple[TrainState, ml_collections.ConfigDict, int]:
+class Checkpoint(NamedTuple):
+  """A trained run as commands read it: state, config, step and the data it was trained on."""
+
+  state: TrainState
+  config: ml_collections.ConfigDict
+  step: int
+  spec: input_pipeline.DatasetSpec
+
+
+def load_checkpoint(workdir: str | Path, step: int | None = None) -> Checkpoint:
   """The newest readable (or exactly ``step``'s) checkpoint of ``workdir``, on the host.
 
-  The state's structure comes from the config saved with the checkpoint
-  (checked like any other, ``config.validate``). Returns ``(state, config,
-  step)``; raises ``CheckpointError`` when there is none.
+  The state's structure comes from the config and data set spec saved with the
+  checkpoint (checked like any other, ``config.validate``); checkpoints from
+  before specs were saved use the MNIST family's fixed spec. Raises
+  ``CheckpointError`` when there is none.
+  """
+  config, spec = read_run(workdir, step)
+  state, _, restored_step = checkpoint.restore_from_workdir(
+      workdir, build(config, spec)[2], step)
+  return Checkpoint(state, config, restored_step, spec)
+
+
+def read_run(workdir: str | Path, step: int | None = None
+             ) -> tuple[ml_collections.ConfigDict, input_pipeline.DatasetSpec]:
+  """The config and data set spec of ``workdir``'s newest checkpoint (or ``step``'s).
+
+  Reads two small JSON items, no arrays: commands check their input against it
+  before building anything.
   """
   config = checkpoint.read_newest_config(workdir, step)
   config_lib.validate(config)
-  state, _, restored_step = checkpoint.restore_from_workdir(workdir, build(config)[2], step)
-  return state, config, restored_step
+  saved_spec = checkpoint.read_dataset_spec(workdir, step)
+  spec = (input_pipeline.DatasetSpec.from_json(saved_spec) if saved_spec
+          else input_pipeline.dataset_spec(config.dataset))
+  return config, spec

@@ -8,7 +8,9 @@ the same code runs under plain or sharded ``jax.jit``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,12 +21,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from gnet_jax import (checkpoint, config as config_lib, input_pipeline, metrics as metrics_lib,
-                      parallel, preemption, state as state_lib, workdir as workdir_lib,
-                      xla_flags)
-from gnet_jax.errors import ConfigError, NonFiniteLossError
+from gnet_jax import (augment, checkpoint, config as config_lib, input_pipeline,
+                      metrics as metrics_lib, parallel, preemption, state as state_lib,
+                      workdir as workdir_lib, xla_flags)
+from gnet_jax.errors import CheckpointError, ConfigError, NonFiniteLossError
 from gnet_jax.state import TrainState
 
+# A data set spec's per-channel (mean, std), or None for images in [0, 1].
+Normalization = tuple[tuple[float, ...], tuple[float, ...]] | None
 # Called after every step with the global step number (tests inject signals here).
 AfterStep = Callable[[int], None]
 
@@ -42,19 +46,24 @@ def _example_offset(batch_size: int, axis_name: str | None) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Any,
                tx: optax.GradientTransformation, image_size: int, aux_weight: float = 0.0,
+               normalization: Normalization = None, augment_crop: str = 'none',
+               augment_flip: bool = False, augment_padding: int = 0,
                axis_name: str | None = None) -> TrainState:
   """One optimizer step on ``batch``; adds the batch's loss and accuracy to ``state.metrics``.
 
   The loss is the mean over the (global) batch. Under ``jax.pmap`` pass
   ``axis_name``: gradients are averaged with ``pmean`` and metric sums added
   with ``psum``, so the result equals a single-device step on the whole batch.
+  Each example's randomness (augmentation, the model's) comes from a key of
+  (seed, step, its index in the global batch), the same on any device count.
   """
-  images = input_pipeline.preprocess(batch['image'], image_size)
   labels = batch['label']
   batch_size = labels.shape[0]
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   example_ids = _example_offset(batch_size, axis_name) + jnp.arange(batch_size)
   example_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(example_ids)
+  images = augment.augment(input_pipeline.preprocess(batch['image'], image_size, normalization),
+                           example_keys, augment_crop, augment_flip, augment_padding)
 
   def loss_fn(params):
     out = model.apply({'params': params}, images, train=True, example_keys=example_keys)
@@ -82,9 +91,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Any,
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: Any, image_size: int,
-              num_classes: int = 10, axis_name: str | None = None) -> dict[str, jax.Array]:
+              num_classes: int = 10, normalization: Normalization = None,
+              axis_name: str | None = None) -> dict[str, jax.Array]:
   """Sums over the real (unmasked) examples of ``batch``: loss, correct, count and confusion."""
-  logits = model.apply({'params': params}, input_pipeline.preprocess(batch['image'], image_size))
+  logits = model.apply({'params': params},
+                       input_pipeline.preprocess(batch['image'], image_size, normalization))
   mask, labels = batch['mask'], batch['label']
   predicted = jnp.argmax(logits, -1)
   losses = cross_entropy(logits, labels)
@@ -121,9 +132,9 @@ def evaluate(runner: parallel.Runner, eval_fn: Callable, params: Any, images: np
 
 
 def compile_eval(runner: parallel.Runner, model: Any, image_size: int,
-                 num_classes: int) -> Callable:
+                 spec: input_pipeline.DatasetSpec) -> Callable:
   return runner.eval_step_fn(eval_step, model=model, image_size=image_size,
-                             num_classes=num_classes)
+                             num_classes=spec.num_classes, normalization=spec.normalization)
 
 
 def eval_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
@@ -149,14 +160,40 @@ def check_finite(sums: dict[str, Any], manager, steps_per_epoch: int) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
+def load_data(config: ml_collections.ConfigDict, train_examples: int | None = None
+              ) -> input_pipeline.Dataset:
+  """The config's data set, its spec carrying the training set's normalisation if asked."""
+  data = input_pipeline.load_dataset(
+      config.dataset, config.data_source, config.data_dir,
+      config.train_examples if train_examples is None else train_examples, config.eval_examples,
+      splits=(config.train_split, config.test_split), image_size=config.image_size,
+      progress=config.progress and sys.stderr.isatty() and jax.process_index() == 0)
+  if config.normalize and len(data.train_images):
+    stats = input_pipeline.channel_stats(data.train_images)
+    data = dataclasses.replace(data, spec=dataclasses.replace(data.spec, normalization=stats))
+  return data
+
+
 def _load_data(config: ml_collections.ConfigDict) -> tuple[input_pipeline.Dataset, int]:
-  data = input_pipeline.load_dataset(config.dataset, config.data_source, config.data_dir,
-                                     config.train_examples, config.eval_examples)
+  data = load_data(config)
   steps = input_pipeline.steps_per_epoch(len(data.train_labels), config.batch_size)
   if steps == 0:
     raise ConfigError(f'--config.batch_size={config.batch_size} is larger than the training set '
                       f'({len(data.train_labels)} examples); lower --config.batch_size')
   return data, steps
+
+
+def _check_same_data(workdir: Path, step: int, spec: input_pipeline.DatasetSpec) -> None:
+  """A resumed run must see the data it was trained on (classes, image shape, normalisation)."""
+  saved = checkpoint.read_dataset_spec(workdir, step)
+  if saved is None or input_pipeline.DatasetSpec.from_json(saved) == spec:
+    return
+  old = input_pipeline.DatasetSpec.from_json(saved)
+  diff = [f'{field}: {getattr(old, field)!r} in checkpoint, {getattr(spec, field)!r} now'
+          for field in ('name', 'image_shape', 'class_names', 'normalization')
+          if getattr(old, field) != getattr(spec, field)]
+  raise CheckpointError(f'the checkpoint at step {step} in {workdir} was trained on other data '
+                        f'({"; ".join(diff)}); resume with the same data, or use a new --workdir')
 
 
 def _restore_or_init(workdir: Path, init: TrainState, config: ml_collections.ConfigDict
@@ -178,11 +215,14 @@ def _restore_or_init(workdir: Path, init: TrainState, config: ml_collections.Con
   return host_state, step, damaged, True
 
 
-def _compile_train_step(runner, model, tx, config, state, first_batch) -> Callable:
+def _compile_train_step(runner, model, tx, config, spec, state, first_batch) -> Callable:
   """AOT-compiled train step, so the first epoch's examples/sec excludes compilation."""
   t0 = time.perf_counter()
   step_fn = runner.train_step(train_step, model=model, tx=tx, image_size=config.image_size,
-                              aux_weight=float(config.aux_weight))
+                              aux_weight=float(config.aux_weight),
+                              normalization=spec.normalization, augment_crop=config.augment_crop,
+                              augment_flip=config.augment_flip,
+                              augment_padding=config.augment_padding)
   compiled = step_fn.lower(state, runner.put_batch(first_batch)).compile()
   if jax.process_index() == 0:
     since_start = xla_flags.seconds_since_process_start()
@@ -193,13 +233,14 @@ def _compile_train_step(runner, model, tx, config, state, first_batch) -> Callab
 
 
 def _save(manager, workdir: Path, step: int, state: TrainState, runner: parallel.Runner,
-          config: ml_collections.ConfigDict, damaged: list[int], steps_per_epoch: int) -> None:
+          config: ml_collections.ConfigDict, spec: input_pipeline.DatasetSpec,
+          damaged: list[int], steps_per_epoch: int) -> None:
   """NaN guard, then an async checkpoint of ``step`` (a damaged one at that step moved aside)."""
   check_finite(runner.to_host({'nonfinite_step': state.metrics['nonfinite_step']}), manager,
                steps_per_epoch)
   if step in damaged and step in manager.all_steps():
     checkpoint.quarantine(manager, workdir, step)
-  checkpoint.save(manager, step, runner.to_host(state), config)
+  checkpoint.save(manager, step, runner.to_host(state), config, spec.to_json())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
@@ -214,19 +255,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   """
   config_lib.validate(config)
   xla_flags.enable_compilation_cache(config.compilation_cache)
-  spec = input_pipeline.dataset_spec(config.dataset)
   runner = parallel.make_runner(config)
+  data, steps_per_epoch = _load_data(config)  # first: the model's classes come from the data
+  spec = data.spec
   model = model or state_lib.create_model(config, spec)
-  tx = state_lib.create_optimizer(config)
+  tx = state_lib.create_optimizer(config, steps_per_epoch)
   init = state_lib.create_train_state(config, spec, model, tx)
   workdir = config_lib.check_workdir(workdir, checkpoint.bytes_needed(init, config))
   parallel.check_shared_workdir(workdir)
-  data, steps_per_epoch = _load_data(config)
   # From here on this run alone writes to the workdir: a second run is refused here,
   # having written nothing into it, and a dead run's lock is gone with its process.
   with workdir_lib.hold(workdir):
     host_state, start_step, damaged, restored = _restore_or_init(workdir, init, config)
-    log = metrics_lib.RunLog(workdir, config, steps_per_epoch, start_step, runner.device_label)
+    if restored:
+      _check_same_data(workdir, start_step, spec)
+    log = metrics_lib.RunLog(workdir, config, steps_per_epoch, start_step, runner.device_label,
+                             state_lib.learning_rate_schedule(config, steps_per_epoch))
     if start_step >= config.num_epochs * steps_per_epoch:
       return log.nothing_to_do(start_step)
     log.start(data.source, runner.describe(config.batch_size), restored)
@@ -235,12 +279,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     batches = lambda epoch, position: input_pipeline.train_batches(  # noqa: E731
         data.train_images, data.train_labels, config.batch_size, config.seed, epoch, position,
         jax.process_index(), jax.process_count())
-    compiled_step = _compile_train_step(runner, model, tx, config, state, next(batches(0, 0)))
-    eval_fn = compile_eval(runner, model, config.image_size, spec.num_classes)
+    compiled_step = _compile_train_step(runner, model, tx, config, spec, state,
+                                        next(batches(0, 0)))
+    eval_fn = compile_eval(runner, model, config.image_size, spec)
     xla_flags.return_freed_memory()  # the compiler's scratch memory: 0.5 GiB less peak RSS
     manager = checkpoint.open_manager(workdir, config.max_checkpoints, keep_steps=damaged)
     save = lambda step, state: _save(manager, workdir, step, state, runner, config,  # noqa: E731
-                                     damaged, steps_per_epoch)
+                                     spec, damaged, steps_per_epoch)
     profiler = metrics_lib.Profiler(workdir, config.profile_steps, start_step)
     step, summary = start_step, log.last_epoch()
     with contextlib.closing(log), contextlib.closing(manager), profiler, preemption.StopRequest(

@@ -262,7 +262,7 @@ def test_pmap_checkpoint_evaluates_on_one_device(pmap_run, idx_dir):
   state, step = final_state(workdir, target_for(config))
   runner = parallel.make_runner(config)
   data = input_pipeline.load_dataset('fashion_mnist', 'idx', str(idx_dir), 0, -1)
-  result = train.evaluate(runner, train.compile_eval(runner, model_for(config), 28, 10),
+  result = train.evaluate(runner, train.compile_eval(runner, model_for(config), 28, SPEC),
                           runner.put_state(state.params), data.test_images, data.test_labels, 8)
   (row,) = history(workdir)
   assert step == 6 and result['count'] == 40

@@ -45,7 +45,6 @@ def test_every_default_key_has_a_rule_and_passes():
     ('kernels', 'fast', "one of 'auto', 'xla', 'custom'"),
     ('optimizer', 'rmsprop', "one of 'sgd', 'adam'"),
     ('parallelism', 'tpu', "one of 'auto', 'none', 'pmap', 'sharded'"),
-    ('dataset', 'cifar', "one of 'mnist', 'fashion_mnist'"),
     ('data_source', 'web', "one of 'auto', 'idx', 'tfds'"),
     ('bias_init', 'ones', "one of 'zeros', 'torch'"),
 ])

@@ -215,7 +215,7 @@ def test_cli_import_evaluate_export_round_trip(net, state_dict, idx_dir, tmp_pat
   assert (workdir / 'config.json').is_file()
 
   # train.py resumes from it: the checkpoint fits the state it builds, under the same config.
-  state, config, step = state_lib.load_checkpoint(workdir)
+  state, config, step, _ = state_lib.load_checkpoint(workdir)
   assert step == 0 and int(state.step) == 0
   assert config.dataset == 'fashion_mnist' and config.image_size == 28
   target = state_lib.build(config)[2]

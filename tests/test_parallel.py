@@ -177,7 +177,7 @@ def eval_result(mode: str, num_devices: int, eval_batch: int, n_test: int = 13) 
   config = make_config(parallelism=mode, num_devices=num_devices)
   runner = parallel.make_runner(config)
   model = make_model(config)
-  eval_fn = train.compile_eval(runner, model, 28, 10)
+  eval_fn = train.compile_eval(runner, model, 28, SPEC)
   images, labels = make_images(n_test, 5)
   params = runner.put_state(initial_state(False).params)
   return train.evaluate(runner, eval_fn, params, images[..., None], labels.astype(np.int32),

@@ -58,7 +58,7 @@ def test_top3_are_class_names_with_sorted_probabilities(results, pngs):
 
 def test_all_probabilities_sum_to_one(workdir, pngs):
   config = checkpoint.read_newest_config(workdir)
-  host, _, _ = state_lib.load_checkpoint(workdir)
+  host, _, _, _ = state_lib.load_checkpoint(workdir)
   model = state_lib.create_model(config, dataset_spec(config.dataset))
   images = np.stack([pngs[0], 255 - pngs[0]])[..., None]
   probs = predict.make_predict_fn(model, host.params, config.image_size)(images)

@@ -92,7 +92,7 @@ def test_lookup_tables_cover_exactly_the_allowed_names():
   """config.RULES is the one list of allowed names; the factory's tables map each to a thing."""
   assert set(state.OPTIMIZERS) == set(config_lib.choices('optimizer'))
   assert set(state.DTYPES) == set(config_lib.choices('dtype'))
-  assert set(input_pipeline.SPECS) == set(config_lib.choices('dataset'))
+  assert set(input_pipeline.SPECS) == set(config_lib.LOCAL_DATASETS) - {'image_folder'}
 
 
 def test_load_checkpoint_reads_an_older_config_with_defaults(tmp_path):
@@ -105,6 +105,6 @@ def test_load_checkpoint_reads_an_older_config_with_defaults(tmp_path):
   checkpoint.save(manager, 0, host, older)
   manager.wait_until_finished()
   manager.close()
-  restored, saved, step = state.load_checkpoint(tmp_path)
+  restored, saved, step, spec = state.load_checkpoint(tmp_path)
   assert step == 0 and saved.to_dict() == config.to_dict()
   chex.assert_trees_all_equal(restored.params, host.params)

@@ -154,7 +154,7 @@ def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, log: Path,
 def finished_run_is_intact(workdir: Path) -> None:
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [(r['epoch'], r['step']) for r in rows] == [(1, 12), (2, 24)]
-  _, _, step = state_lib.load_checkpoint(workdir)
+  step = state_lib.load_checkpoint(workdir).step
   assert step == 24
 
 
@@ -164,30 +164,32 @@ def test_second_run_is_refused_while_the_first_finishes(tmp_path, idx_dir):
   try:
     saved = wait_for_checkpoint(first, workdir, log)
     first.send_signal(signal.SIGSTOP)  # mid-training, holding the lock, writing nothing
-    before = snapshot(workdir)
-    second = run_train(*train_args(workdir, idx_dir))
-    assert snapshot(workdir) == before  # nothing written, the lock file untouched
-    assert second.returncode == 2, second.stderr[-3000:]
-    assert second.stderr.strip().splitlines() == [
-        f'error: --workdir {workdir} is in use by pid {first.pid} on host '
-        f'{socket.gethostname()} since ' + second.stderr.split(' since ', 1)[1].strip()]
-    assert 'train.py --config configs/quickstart.py' in second.stderr
-    assert second.stdout == ''
-    # evaluate takes no lock: it reads the newest checkpoint while the run trains.
-    evaluated = subprocess.run([sys.executable, '-m', 'gnet_jax.evaluate', '--workdir',
-                                str(workdir)], cwd=REPO, capture_output=True, text=True,
-                               timeout=300, env=user_env())
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    step = int(re.search(r'checkpoint: step (\d+) in', evaluated.stdout).group(1))
-    assert saved <= step < 24 and 'test accuracy' in evaluated.stdout, evaluated.stdout
-  finally:
-    if first.poll() is None:
+    try:
+      before = snapshot(workdir)
+      second = run_train(*train_args(workdir, idx_dir))
+      assert snapshot(workdir) == before  # nothing written, the lock file untouched
+      assert second.returncode == 2, second.stderr[-3000:]
+      (line,) = second.stderr.strip().splitlines()
+      assert re.fullmatch(
+          rf'error: --workdir {re.escape(str(workdir))} is in use by pid {first.pid} on host '
+          rf'{re.escape(socket.gethostname())} since \S+ \(train.py --config '
+          r'configs/quickstart.py .*\); wait for that run to end or stop it, or choose another '
+          r'--workdir', line), line
+      assert second.stdout == ''
+      # evaluate takes no lock: it reads the newest checkpoint while the run trains.
+      evaluated = subprocess.run([sys.executable, '-m', 'gnet_jax.evaluate', '--workdir',
+                                  str(workdir)], cwd=REPO, capture_output=True, text=True,
+                                 timeout=300, env=user_env())
+      assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+      step = int(re.search(r'checkpoint: step (\d+) in', evaluated.stdout).group(1))
+      assert saved <= step < 24 and 'test accuracy' in evaluated.stdout, evaluated.stdout
+    finally:
       first.send_signal(signal.SIGCONT)
-  try:
     assert first.wait(timeout=600) == 0, Path(f'{log}.err').read_text()[-3000:]
   finally:
     if first.poll() is None:
       first.kill()
+      first.wait()
   out = Path(f'{log}.out').read_text()
   assert 'epoch 2/2' in out and 'resuming' not in out
   finished_run_is_intact(workdir)
