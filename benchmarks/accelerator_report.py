@@ -65,7 +65,7 @@ class Plan:
   steps: int
   check_batch: int  # logits/gradients check, device vs host CPU
   sgd_steps: int  # bfloat16 vs float32 check, at (sizes[0], batches[0])
-  larger_batch_kernels: tuple[str, ...] = ('xla', 'custom')  # kernel sets beyond batches[0]
+  custom_everywhere: bool = True  # kernels=custom beyond the correctness rows' shape
   book_overrides: tuple[str, ...] = ()
 
 
@@ -73,12 +73,12 @@ FULL = Plan(sizes=(96, 224), batches=(128, 256, 512, 1024), warmup=3, steps=10, 
             sgd_steps=3)
 # Every code path at sizes that compile in seconds on a small CPU.
 SMOKE = Plan(sizes=(32,), batches=(2, 4), warmup=1, steps=2, check_batch=2, sgd_steps=2,
-             larger_batch_kernels=('xla',),
+             custom_everywhere=False,
              book_overrides=('--config.image_size=32', '--config.batch_size=4',
                              '--config.num_epochs=2', '--config.train_examples=8',
                              '--config.eval_examples=8', '--config.data_source=idx'))
-SMOKE_BUDGET_S = 240
-SMOKE_TORCH_COMPILE_CAP_S = 30  # torch.compile is tried on CPU only if it fits this
+SMOKE_BUDGET_S = 600  # a cap for slow, shared machines; a quiet 2-core VM needs a few minutes
+SMOKE_TORCH_COMPILE_CAP_S = 20  # torch.compile is tried on CPU only if it fits this
 BOOK_TARGET_ACC = 0.88
 
 # Correctness tolerances, as max|a - b| <= tol * max|b| (per output, per parameter leaf).
@@ -238,8 +238,8 @@ class JaxBench:
         jax_put(x, self.device), jax_put(k, self.device), (1, 1), 'SAME',
         dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
     ref_conv = np.asarray(self.jax.lax.conv_general_dilated(
-        x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        precision='highest', preferred_element_type=jnp.float32))
+        jax_put(x, self.host), jax_put(k, self.host), (1, 1), 'SAME',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision='highest'))
     errors = {'dot': rel_err(dot, a @ b), 'conv': rel_err(conv, ref_conv)}
     setting = getattr(self.jax.config, 'jax_default_matmul_precision', None)
     return {'status': 'ok', 'platform': self.device.platform,
@@ -308,6 +308,7 @@ class JaxBench:
     """One training row: cold and warm-cache compile, optional SGD check, timed steps."""
     size, batch, dtype, kernels = req['size'], req['batch'], req['dtype'], req['kernels']
     model, tx, host_state = self._build(size, dtype, kernels)
+    peak_before = self._allocator_peak()
     images, labels = throughput._random_batch(batch, size)
     data = jax_put({'image': images, 'label': labels}, self.device)
     state = jax_put(host_state, self.device)
@@ -326,10 +327,13 @@ class JaxBench:
       self.jax.block_until_ready(state)
       if i >= req['warmup']:
         times.append(time.perf_counter() - t0)
-    memory = program_memory(step)
+    memory = {**program_memory(step), **self._allocator_peak()}
     del state
+    # The allocator only keeps a process-wide high-water mark: it is this row's peak only
+    # when the row raised it.
+    memory['peak_is_row'] = _peak(memory) > _peak(peak_before)
     return {'status': 'ok', 'step_s': times, 'compile_cold_s': cold_s, 'compile_warm_s': warm_s,
-            'warm_cache_hit': warm_hit, **memory, **self._allocator_peak()}
+            'warm_cache_hit': warm_hit, **memory}
 
   def _allocator_peak(self) -> dict:
     stats = self.device.memory_stats() if self.device.platform != 'cpu' else None
@@ -344,6 +348,10 @@ def compare_outputs(name: str, kernels: str, got, ref, note: str = '') -> dict:
   return check(name, kernels, {'logits_err': TOL_FLOAT32, 'grads_err': TOL_FLOAT32},
                logits_err=rel_err(got[0], ref[0]), grads_err=grads_err, worst_leaf=leaf,
                note=note)
+
+
+def _peak(memory: dict) -> int:
+  return memory.get('device_peak_bytes') or memory.get('rss_peak_bytes') or 0
 
 
 def jax_put(tree, device):
@@ -392,6 +400,8 @@ class TorchBench:
     import torch
     self.torch = torch
     self.device = torch.device(device)
+    if self.device.type == 'cuda':
+      torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     dynamo = getattr(torch, '_dynamo', None)
     if dynamo is not None:  # one compile per row (static shapes); never fall back to eager
       for name in ('recompile_limit', 'cache_size_limit'):
@@ -406,7 +416,8 @@ class TorchBench:
     if cuda:
       conv = getattr(getattr(torch.backends.cudnn, 'conv', None), 'fp32_precision', None)
       matmul = getattr(torch.backends.cuda.matmul, 'fp32_precision', None)
-      settings = {'cudnn_conv_fp32': conv or ('tf32' if torch.backends.cudnn.allow_tf32
+      settings = {'cudnn_benchmark': torch.backends.cudnn.benchmark,
+                  'cudnn_conv_fp32': conv or ('tf32' if torch.backends.cudnn.allow_tf32
                                               else 'ieee'),
                   'matmul_fp32': matmul or ('tf32' if torch.backends.cuda.matmul.allow_tf32
                                             else 'ieee')}
@@ -574,27 +585,32 @@ def correctness_tasks(plan: Plan) -> list[Task]:
 
 
 def plan_tasks(plan: Plan, torch_device: str | None, on_cpu: bool) -> list[Task]:
-  """Everything, most important first: correctness and the first batch of each framework,
-  the book's run, then larger batches, kernels=custom beyond the first size, and
-  torch.compile's max-autotune. On CPU torch.compile goes last: it compiles for minutes.
+  """Everything, most important first.
+
+  Correctness and the first size and batch of both frameworks, the book's
+  run, the other sizes at the first batch, larger batches, then
+  torch.compile's max-autotune. On CPU torch.compile goes last: it compiles
+  for minutes there.
   """
   first, rest = plan.batches[0], plan.batches[1:]
+  now = TORCH_EAGER + (() if on_cpu else TORCH_COMPILED[:1])
+
+  def torch_rows(sizes, batches, variants) -> list[Task]:
+    return [torch_row(s, b, d, v, plan) for b in batches for s in sizes for d in DTYPES
+            for v in variants] if torch_device else []
+
   tasks = correctness_tasks(plan)
-  tasks += [jax_row(s, first, d, 'xla', plan) for s in plan.sizes[1:] for d in DTYPES]
-  compiled_first = () if on_cpu else TORCH_COMPILED[:1]
-  torch_tasks = [Task('torch', 'PyTorch probe', {'op': 'probe'})] if torch_device else []
-  torch_tasks += [torch_row(s, first, d, v, plan) for s in plan.sizes for d in DTYPES
-                  for v in TORCH_EAGER + compiled_first] if torch_device else []
-  tasks += torch_tasks[:]
+  tasks += [Task('torch', 'PyTorch probe', {'op': 'probe'})] if torch_device else []
+  tasks += torch_rows(plan.sizes[:1], (first,), now)
   tasks.append(Task('book', "the book's run: configs/fashion_mnist.py"))
-  tasks += [jax_row(s, b, d, k, plan) for k in plan.larger_batch_kernels for b in rest
-            for s in plan.sizes for d in DTYPES]
-  tasks += [jax_row(s, first, d, 'custom', plan) for s in plan.sizes[1:] for d in DTYPES]
-  if torch_device:
-    tasks += [torch_row(s, b, d, v, plan) for b in rest for s in plan.sizes for d in DTYPES
-              for v in TORCH_EAGER + compiled_first]
-    late = TORCH_COMPILED if on_cpu else TORCH_COMPILED[1:]
-    tasks += [torch_row(s, first, d, v, plan) for v in late for s in plan.sizes for d in DTYPES]
+  tasks += [jax_row(s, first, d, 'xla', plan) for s in plan.sizes[1:] for d in DTYPES]
+  tasks += torch_rows(plan.sizes[1:], (first,), now)
+  tasks += [jax_row(s, b, d, 'xla', plan) for b in rest for s in plan.sizes for d in DTYPES]
+  if plan.custom_everywhere:
+    tasks += [jax_row(s, b, d, 'custom', plan) for b in plan.batches for s in plan.sizes
+              for d in DTYPES if (s, b) != (plan.sizes[0], first)]
+  tasks += torch_rows(plan.sizes, rest, now)
+  tasks += torch_rows(plan.sizes, (first,), TORCH_COMPILED if on_cpu else TORCH_COMPILED[1:])
   return tasks
 
 
@@ -719,8 +735,8 @@ def summarize_row(task: Task, reply: dict, precision: dict) -> dict:
           'timed_steps': len(reply['step_s']), 'tflops': tflops, 'compute': mode,
           'peak_tflops': peak, 'peak_fraction': tflops / peak if peak else None,
           **{k: reply.get(k) for k in ('compile_cold_s', 'compile_warm_s', 'warm_cache_hit',
-                                       'program_bytes', 'device_peak_bytes', 'rss_peak_bytes')
-             if k in reply}}
+                                       'program_bytes', 'device_peak_bytes', 'rss_peak_bytes',
+                                       'peak_is_row') if k in reply}}
 
 
 def add_ratios(report: dict, torch_note: str | None) -> None:
@@ -826,6 +842,7 @@ def row_line(r: dict) -> str:
     return head + f" {r['status']}: {r.get('error', '')} |" + ' |' * 9
   memory = (f"{_gib(r.get('device_peak_bytes'))} device" if r.get('device_peak_bytes')
             else f"{_gib(r.get('rss_peak_bytes'))} RSS")
+  memory = memory if r.get('peak_is_row', True) else f'<= {memory}'  # an earlier row's peak
   ratio = (f"{r['vs_torch']:.2f}x ({r['vs_torch_variant']})" if r.get('vs_torch')
            else r.get('vs_torch_note', '') if r['framework'] == 'gnet-jax' else '')
   warm = _num(r.get('compile_warm_s'), '.1f') + ('' if r.get('warm_cache_hit', True) else ' (miss)')
@@ -867,8 +884,10 @@ def format_markdown(report: dict) -> str:
   lines += ['', 'img/s from the median of the timed steps after warm-up; TFLOP/s from '
             'benchmarks/flops.py (a training step as 3x the forward pass); % of peak against '
             'the datasheet figure for the compute column (none for unknown devices); peak '
-            'memory: the device allocator high-water mark of the worker process so far (rows '
-            'run in ascending batch), or its RSS on CPU.', '', "## The book's run", '']
+            "memory: the device allocator's high-water mark in the worker process (PyTorch: reset "
+            'per row), or the process RSS on CPU; "<=" where an earlier row of the same process '
+            "set it; XLA program: XLA's buffer assignment for the step (arguments, temporaries, "
+            'outputs).', '', "## The book's run", '']
   book = report['book_run']
   lines += ['not run (budget)'] if book is None else [
       f"`{book['command']}`: {book['status']}, {book['wall_s']:.1f} s wall time (process "
