@@ -961,7 +961,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help=f'wall-clock budget, compiles included (default 480; '
                       f'{SMOKE_BUDGET_S} with --smoke)')
   parser.add_argument('--smoke', action='store_true',
-                      help='every code path at tiny sizes on the CPU (about a minute)')
+                      help='every code path at tiny sizes on the CPU (minutes on a 2-core VM)')
   parser.add_argument('--data-dir', default='',
                       help="Fashion-MNIST IDX folder for the book's run (default: train.py's "
                       'search: /usr/share/datasets/fashion-mnist, then tensorflow-datasets)')

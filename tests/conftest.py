@@ -37,8 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 # Files that spend most of their time in child processes compiling GoogLeNet start first,
 # so that under pytest-xdist (pyproject's addopts) they overlap the many short tests
 # instead of running alone at the end.
-SLOW_FILES = ('test_notebook.py', 'test_cli.py', 'test_multihost.py', 'test_benchmarks.py',
-              'test_interop.py', 'test_transformations.py', 'test_workdir.py')
+SLOW_FILES = ('test_accelerator_report.py', 'test_notebook.py', 'test_cli.py',
+              'test_multihost.py', 'test_benchmarks.py', 'test_interop.py',
+              'test_transformations.py', 'test_workdir.py')
 
 
 def pytest_collection_modifyitems(items):
