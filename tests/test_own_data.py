@@ -88,7 +88,7 @@ def test_learning_rate_follows_the_schedule_in_the_logs(reference, folder):
     assert p['learning_rate'] == pytest.approx(float(schedule(p['step'] - 1)), rel=1e-6)
   rates = [p['learning_rate'] for p in points]
   assert rates[0] < 0.5 * max(rates) and max(rates) > 0.9e-3  # warmup
-  assert rates[-1] < 0.05 * max(rates)
+  assert rates[-1] < 0.1 * max(rates)  # the last step's rate; the cosine reaches 0 after it
   assert history(reference)[-1]['learning_rate'] == rates[-1]
 
 
