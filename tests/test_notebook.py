@@ -12,6 +12,7 @@ import nbformat
 from nbclient import NotebookClient
 
 from conftest import REPO, write_idx_dataset
+from image_folders import make_folder
 
 NOTEBOOK = REPO / 'notebooks' / 'colab_tpu.ipynb'
 
@@ -32,6 +33,8 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
   monkeypatch.setenv('GNET_NOTEBOOK_SMOKE', '1')
   monkeypatch.setenv('GNET_NOTEBOOK_DATA_DIR', str(data_dir))
   monkeypatch.setenv('GNET_NOTEBOOK_WORKDIR', str(workdir))
+  own = make_folder(tmp_path / 'own', {'train': 2, 'test': 1})
+  monkeypatch.setenv('GNET_NOTEBOOK_OWN_IMAGES', str(own))
   nb = nbformat.read(NOTEBOOK, as_version=4)
   # The kernel inherits this process's environment; nbclient raises CellExecutionError,
   # naming the cell, if any cell fails.
@@ -54,11 +57,17 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
   assert [p.name for p in samples] == ['test_0.png', 'test_1.png', 'test_2_dark_on_light.png']
   assert '-m gnet_jax.predict --workdir' in text
   assert text.count('(inverted: dark on light)') == 1
-  assert sum(line.startswith('  1. ') for line in text.splitlines()) == 3
   images = [o for c in nb.cells for o in c.get('outputs', [])
             if 'image/png' in o.get('data', {})]
   # curves.png, the matplotlib plot, confusion.png, predictions.png, the three samples
   assert len(images) == 5
+  # The own-images cell: configs/image_folder.py on the generated folder, then predict.
+  assert f'data: image folder {own} (decoded' in text
+  own_run = tmp_path / 'run_own_images'
+  (row,) = [json.loads(r) for r in (own_run / 'metrics.jsonl').read_text().splitlines()]
+  assert row['epoch'] == 1
+  assert 'is a circle; the model says:' in text
+  assert sum(line.startswith('  1. ') for line in text.splitlines()) == 4  # 3 samples + 1
   (line,) = (workdir / 'metrics.jsonl').read_text().splitlines()
   assert json.loads(line)['epoch'] == 1
   assert (workdir / 'confusion.png').is_file()
