@@ -4,7 +4,8 @@ Most tests drive ``TinyNet``, a small model with GoogLeNet's interface (the
 ``train``/``example_keys`` arguments and the real ``models.AuxHead`` with its
 per-example dropout), because compiling the full GoogLeNet step takes tens of
 seconds per configuration on a small CPU and the parallel code does not care
-which model it runs. The end-to-end CLI tests run the real GoogLeNet.
+which model it runs. The real GoogLeNet runs under a data-parallel layout in
+the notebook test (sharded over two CPU devices, through ``train.py``).
 Set ``GNET_TEST_FULL_MODEL=1`` to run the step tests on GoogLeNet too.
 """
 
