@@ -391,6 +391,10 @@ def import_to_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike,
   state_dict, notes = load_torch_file(path, trust_pickle=trust_pickle)
   imported = params_from_torch(state_dict)
   in_channels, num_classes = state_dict_io(state_dict)
+  if config.dataset not in input_pipeline.SPECS:
+    raise StateDictError(f'importing into a {config.dataset!r} run is not supported: the d2l '
+                         'weights carry over into MNIST-family runs (--config.dataset=mnist or '
+                         'fashion_mnist); params_from_torch converts them for your own code')
   spec = input_pipeline.dataset_spec(config.dataset)
   if num_classes != spec.num_classes:
     raise StateDictError(

@@ -251,10 +251,13 @@ def test_cli_errors(tmp_path, capsys):
        'nothere.py: no such file'),
       (['export', str(tmp_path / 'empty'), str(tmp_path / 'out.pt')], 'no checkpoints'),
       (['frobnicate'], 'unexpected arguments'),
+      (['import', str(tmp_path / 'c7.pt'), '--workdir', str(tmp_path / 'c'),
+        '--config', 'configs/image_folder.py', '--config.data_dir=x'],
+       "importing into a 'image_folder' run is not supported"),
   ]
   for argv, message in cases:
     assert interop.main(['interop', *argv]) == 2, argv
     assert message in capsys.readouterr().err, argv
-  assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
+  assert not any((tmp_path / d).exists() for d in 'abc')
   assert interop.main(['interop', '--help']) == 0
   assert 'python -m gnet_jax.interop export DIR OUT.pt' in capsys.readouterr().out
