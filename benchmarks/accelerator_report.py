@@ -527,7 +527,10 @@ class Worker:
       self.proc.stdin.write(json.dumps(request) + '\n')
       self.proc.stdin.flush()
       line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.1))
-    except (BrokenPipeError, queue.Empty):
+    except queue.Empty:  # past the deadline: stop it now, mid-compile or not
+      self.proc.kill()
+      line = None
+    except BrokenPipeError:
       line = None
     if line is None:
       self.close()
@@ -846,7 +849,7 @@ def row_line(r: dict) -> str:
   ratio = (f"{r['vs_torch']:.2f}x ({r['vs_torch_variant']})" if r.get('vs_torch')
            else r.get('vs_torch_note', '') if r['framework'] == 'gnet-jax' else '')
   warm = _num(r.get('compile_warm_s'), '.1f') + ('' if r.get('warm_cache_hit', True) else ' (miss)')
-  return (head + f" {r['img_per_s']:.1f} | {r['step_ms']:.1f} | {r['tflops']:.2f} | "
+  return (head + f" {r['img_per_s']:.1f} | {r['step_ms']:.1f} | {r['tflops']:.3g} | "
           f"{_num(r['peak_fraction'] and 100 * r['peak_fraction'], '.1f')} | {r['compute']} | "
           f"{memory} | {_gib(r.get('program_bytes'))} | {_num(r.get('compile_cold_s'), '.1f')} | "
           f"{warm} | {ratio} |")
