@@ -773,8 +773,20 @@ def book_command(runner: Runner, workdir: Path) -> list[str]:
 
 def book_run(runner: Runner, deadline: float) -> dict:
   """``train.py`` on the book's config: its epoch lines, wall time, time to test acc 0.88."""
-  workdir = Path(runner.args.out) / 'book_run'
-  shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume
+  # A fresh workdir, never a resume; its checkpoints (~100 MB) stay out of --out.
+  workdir = Path(tempfile.mkdtemp(prefix='gnet_jax_report_book_'))
+  try:
+    result = _run_book(runner, deadline, workdir)
+    if (workdir / 'metrics.jsonl').is_file():
+      shutil.copy(workdir / 'metrics.jsonl', Path(runner.args.out) / 'book_run_metrics.jsonl')
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  runner.log(f"book run: {result['status']}, {result['wall_s']:.1f} s, "
+             f"final: {result['final_line']}")
+  return result
+
+
+def _run_book(runner: Runner, deadline: float, workdir: Path) -> dict:
   cmd = book_command(runner, workdir)
   runner.log('book run: ' + ' '.join(cmd[1:]))
   t0 = time.monotonic()
@@ -806,7 +818,6 @@ def book_run(runner: Runner, deadline: float) -> dict:
             'target_test_acc': BOOK_TARGET_ACC, 'time_to_target_s': reached}
   if status != 'ok':
     result['tail'] = tail
-  runner.log(f"book run: {status}, {result['wall_s']:.1f} s, final: {result['final_line']}")
   return result
 
 
