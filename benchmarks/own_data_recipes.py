@@ -2,6 +2,7 @@
 
     python benchmarks/own_data_recipes.py                        # the table in docs/own_data.md
     python benchmarks/own_data_recipes.py --epochs 5 --image-size 32 --train-per-class 50
+    python benchmarks/own_data_recipes.py --epochs 30 --only 3,4   # augmentation or not, 30 epochs
 
 Makes an image folder from Fashion-MNIST (the first N training and test images
 of each class, written as PNG files under ``--out``; grey, so the folder's RGB
@@ -79,13 +80,16 @@ def main() -> None:
   parser.add_argument('--test-per-class', type=int, default=50)
   parser.add_argument('--image-size', type=int, default=32)
   parser.add_argument('--epochs', type=int, default=15)
+  parser.add_argument('--only', help='comma-separated recipe numbers (1-based, as in the table)')
   parser.add_argument('--json', type=Path, help='also write the results here')
   args = parser.parse_args()
 
   folder = make_folder(args.out / 'folder', args.train_per_class, args.test_per_class)
   results = []
-  for i, (name, overrides) in enumerate(RECIPES.items()):
-    results.append(run(name, overrides, folder, args.out / f'recipe{i}', args))
+  chosen = [int(i) for i in args.only.split(',')] if args.only else range(1, len(RECIPES) + 1)
+  for i, (name, overrides) in enumerate(RECIPES.items(), start=1):
+    if i in chosen:
+      results.append(run(name, overrides, folder, args.out / f'recipe{i}_{args.epochs}', args))
   print(f'\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; '
         f'{args.train_per_class} train / {args.test_per_class} test images per class, '
         f'{args.image_size}x{args.image_size}, {args.epochs} epochs, batch 32\n')
