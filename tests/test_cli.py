@@ -58,7 +58,9 @@ def test_summary_prints_stage_table():
     (['--config.batch_size=abc'], "--config.batch_size=abc: invalid literal"),
     (['--config.data_source=idx', '--config.data_dir=/nonexistent/fmnist'],
      'data_dir /nonexistent/fmnist does not exist'),
-    (['--config.dataset=cifar'], "--config.dataset='cifar' is not allowed; dataset must be one"),
+    (['--config.dataset=cifar'], "--config.dataset='cifar' is not allowed with data_source "
+                                 "'auto'; use one of 'mnist', 'fashion_mnist', 'image_folder', "
+                                 'or add --config.data_source=tfds'),
     (['--config.batch_size=0'], '--config.batch_size=0 is not allowed; batch_size must be an '
                                 'integer >= 1'),
     (['--config.num_epochs=-1'], 'num_epochs must be an integer >= 1'),
