@@ -187,9 +187,15 @@ class RunLog:
     self._bar.update(position)
 
   def after_step(self, step: int, read_sums: Callable[[], dict]) -> None:
-    """Advances the bar; every ``log_every`` steps reads the sums and logs the interval."""
+    """Advances the bar; every ``log_every`` steps of the epoch reads the sums and logs the interval.
+
+    Counted from the epoch's start, so every epoch has its points at the same
+    places and none covers only the first steps after an epoch's end (468
+    steps, every 94: 94, 188, 282, 376 and the end, 468).
+    """
     self._bar.update(1)
-    if self.log_every and step % self.log_every == 0 and step % self.steps_per_epoch:
+    position = step % self.steps_per_epoch
+    if self.log_every and position and position % self.log_every == 0:
       self._interval(step, read_sums())
 
   def _interval(self, step: int, sums: dict) -> None:

@@ -82,3 +82,12 @@ def test_jsonl_round_trip_is_atomic(tmp_path):
                              'examples_per_sec': 512.34}, 10, 'cpu:0')
   assert line == ('epoch 3/10: loss 0.262, train acc 0.900, test acc 0.886, '
                   '512.3 examples/sec on cpu:0')
+
+
+def test_intra_epoch_points_restart_with_each_epoch(idx_dir, tmp_path):
+  """6 steps per epoch, a point every 4: at 4 and the end of each epoch, never 2 steps after it."""
+  config = loop_config(idx_dir, train_examples=48, log_every_steps=4)
+  train.train_and_evaluate(config, tmp_path, model=TinyNet(aux_heads=True))
+  points = [json.loads(line) for line in (tmp_path / 'steps.jsonl').read_text().splitlines()]
+  assert [p['step'] for p in points] == [4, 6, 10, 12]
+  assert [p['epoch_progress'] for p in points] == pytest.approx([4 / 6, 1, 10 / 6, 2])
