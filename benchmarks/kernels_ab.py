@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import importlib.util
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / 'benchmarks')]
 
+import throughput  # noqa: E402
 import xla_flag_sweep  # noqa: E402  (sets the XLA flags train.py uses before JAX starts)
 
 
@@ -53,12 +53,6 @@ def models_using(ops_module):
     models.ops = saved
 
 
-def machine() -> str:
-  cpu = next((line.split(':', 1)[1].strip() for line in Path('/proc/cpuinfo').read_text().splitlines()
-              if line.startswith('model name')), platform.processor())
-  return f'{cpu}, {os.cpu_count()} cores, {platform.system()}'
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--against', required=True, help='git revision of the old gnet_jax/ops.py')
@@ -73,8 +67,9 @@ def main() -> None:
   with models_using(old_ops):
     old = list(xla_flag_sweep.compiled_train_step(args.size, args.batch))
   new = list(xla_flag_sweep.compiled_train_step(args.size, args.batch))
-  import jax
-  print(f'{machine()}; jax {jax.__version__}; 1-minute load before: {load:.2f}')
+  info = throughput.machine_info(None, None)
+  print(f"{info['cpu']}, {info['cores']} cores, {info['os']}; jax {info['versions']['jax']}; "
+        f'1-minute load before: {load:.2f}')
   print(f'{args.size}x{args.size}, batch {args.batch}, {args.steps} timed steps per round\n')
   print(f'| round | {args.against} img/s | today img/s | today / {args.against} |\n|---|---|---|---|')
   ratios = []

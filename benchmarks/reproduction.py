@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / 'benchmarks')]
 
+import throughput  # noqa: E402
 from gnet_jax import metrics  # noqa: E402
 
 # Dive into Deep Learning, section 8.4 (GoogLeNet), the PyTorch run's last line:
@@ -34,32 +33,17 @@ BOOK = {'train_loss': 0.262, 'train_acc': 0.900, 'test_acc': 0.886}
 TARGET_TEST_ACC = 0.88
 
 
-def machine() -> str:
-  cpu = next((line.split(':', 1)[1].strip() for line in Path('/proc/cpuinfo').read_text().splitlines()
-              if line.startswith('model name')), platform.processor()) if Path(
-                  '/proc/cpuinfo').exists() else platform.processor()
-  return f'{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}'
-
-
-def versions() -> dict[str, str]:
-  from importlib import metadata
-  found = {'python': platform.python_version()}
-  for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy'):
-    try:
-      found[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-      pass
-  return found
-
-
 def run_facts(workdir: Path, history: list[dict], command: str, commit: str) -> dict:
   """What a reader needs to rerun and judge the run; the processes are counted by their
   TensorBoard event files (one per process that trained, see ``metrics.tensorboard_writer``)."""
   config = json.loads((workdir / 'config.json').read_text())
   events = list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
   reached = next((m['epoch'] for m in history if m['test_acc'] >= TARGET_TEST_ACC), None)
+  info = throughput.machine_info(None, None)
   return {
-      'command': command, 'commit': commit, 'machine': machine(), 'versions': versions(),
+      'command': command, 'commit': commit,
+      'machine': f"{info['cpu']}, {info['cores']} cores, {info['os']}",
+      'versions': info['versions'],
       'epochs_done': len(history), 'num_epochs': config['num_epochs'],
       'train_seconds': round(sum(m['seconds'] for m in history), 1),
       'processes': len(events),

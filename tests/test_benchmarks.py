@@ -139,3 +139,17 @@ def test_profile_sorts_kernels_into_kinds():
   assert kind('maximum_pad_fusion.4', 'fusion', 'jit(train_step)/jvp(GoogLeNet)/b1/pad') == \
       'padding (fused with ReLU/adds), forward'
   assert kind('dot.65', 'dot', relu_bwd) == 'matmul (traced)'
+
+
+def test_kernels_ab_traces_the_model_with_an_older_ops_module():
+  """kernels_ab.py: ``ops.py`` of a revision is imported on its own and swapped in, then restored."""
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  import kernels_ab
+  from gnet_jax import models, ops
+
+  old = kernels_ab.ops_at('HEAD')  # the committed version, as a module of its own
+  assert old is not ops and old.__name__ == 'ops_at_HEAD'
+  assert old.max_pool_3x3 is not ops.max_pool_3x3 and old.__file__ != ops.__file__
+  with kernels_ab.models_using(old):
+    assert models.ops is old
+  assert models.ops is ops
