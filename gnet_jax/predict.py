@@ -52,6 +52,19 @@ def _border(pixels: np.ndarray) -> np.ndarray:
                          pixels[:, :width].ravel(), pixels[:, -width:].ravel()])
 
 
+def _checked_file(path: str | os.PathLike, invert: str) -> Path:
+  """``path`` as a Path, once the ``--invert`` value and the file itself are known good."""
+  if invert not in INVERT_CHOICES:
+    raise InputError(f'--invert {invert!r} is not allowed; choose one of '
+                     f'{", ".join(INVERT_CHOICES)}')
+  path = Path(path)
+  if not path.exists():
+    raise DatasetError(f'{path}: no such file')
+  if path.is_dir():
+    raise DatasetError(f'{path}: is a folder, not an image file')
+  return path
+
+
 def load_image(path: str | os.PathLike, size: tuple[int, int] = (28, 28),
                invert: str = 'auto') -> tuple[np.ndarray, bool]:
   """One image file as the dataset stores images: uint8 ``size`` + (1,), light on dark.
@@ -61,14 +74,7 @@ def load_image(path: str | os.PathLike, size: tuple[int, int] = (28, 28),
   """
   from PIL import Image, ImageOps, UnidentifiedImageError
 
-  if invert not in INVERT_CHOICES:
-    raise InputError(f'--invert {invert!r} is not allowed; choose one of '
-                     f'{", ".join(INVERT_CHOICES)}')
-  path = Path(path)
-  if not path.exists():
-    raise DatasetError(f'{path}: no such file')
-  if path.is_dir():
-    raise DatasetError(f'{path}: is a folder, not an image file')
+  path = _checked_file(path, invert)
   try:
     with Image.open(path) as image:
       image = ImageOps.exif_transpose(image)  # phone photos: upright as shown
@@ -107,14 +113,7 @@ def load_for(spec, path: str | os.PathLike, invert: str = 'auto') -> tuple[np.nd
   """
   if spec.image_shape[-1] == 3:
     from gnet_jax import image_folder
-    if invert not in INVERT_CHOICES:
-      raise InputError(f'--invert {invert!r} is not allowed; choose one of '
-                       f'{", ".join(INVERT_CHOICES)}')
-    path = Path(path)
-    if not path.is_file():
-      raise DatasetError(f'{path}: ' + ('is a folder, not an image file' if path.is_dir()
-                                        else 'no such file'))
-    return image_folder.load_rgb(path, spec.image_shape[0]), False
+    return image_folder.load_rgb(_checked_file(path, invert), spec.image_shape[0]), False
   return load_image(path, spec.image_shape[:2], invert)
 
 
