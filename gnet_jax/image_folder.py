@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -158,25 +159,54 @@ def _decode_split(files: tuple[tuple[Path, int], ...], image_size: int, desc: st
 
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
   """Atomically (a reader never sees half a file); a cache that cannot be written is skipped."""
+  tmp = None
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix='.tmp', delete=False) as f:
+      tmp = f.name
       np.savez(f, **arrays)
-    os.replace(f.name, path)
+    os.replace(tmp, path)
   except OSError as e:
     logging.warning('image folder cache not written (%s); the next run decodes again', e)
+    if tmp is not None:  # a full disk: leave no partial file behind
+      Path(tmp).unlink(missing_ok=True)
+
+
+def _read_cache(path: Path, listing: Listing, image_size: int) -> dict[str, np.ndarray] | None:
+  """The cached arrays, or None when the file is missing, damaged or not what ``listing`` holds.
+
+  A damaged cache (a full disk, a copy cut short) must cost one more decode,
+  never the run: zip's CRC check catches flipped bytes, and the arrays' names,
+  shapes and dtypes are checked against the listing.
+  """
+  if not path.is_file():
+    return None
+  try:
+    with np.load(path) as saved:
+      arrays = {k: saved[k] for k in saved.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    logging.warning('image folder cache %s unreadable (%s); decoding again', path, e)
+    return None
+  expected = {}
+  for split in SPLITS:
+    n = len(listing.files[split])
+    expected[f'{split}_images'] = ((n, image_size, image_size, 3), np.uint8)
+    expected[f'{split}_labels'] = ((n,), np.int32)
+  found = {k: (a.shape, a.dtype) for k, a in arrays.items()}
+  if found != expected:
+    logging.warning('image folder cache %s holds other arrays than the folder; decoding again',
+                    path)
+    return None
+  return arrays
 
 
 def load(listing: Listing, image_size: int, cache_dir: str | os.PathLike | None = None,
          progress: bool = False) -> tuple[dict[str, np.ndarray], bool]:
   """The two splits as uint8 images and int32 labels; ``True`` when they came from the cache."""
   cache = Path(cache_dir or default_cache_dir()) / f'{cache_key(listing, image_size)}.npz'
-  if cache.is_file():
-    try:
-      with np.load(cache) as saved:
-        return {k: saved[k] for k in saved.files}, True
-    except (OSError, ValueError) as e:  # damaged: decode again and rewrite it
-      logging.warning('image folder cache %s unreadable (%s); decoding again', cache, e)
+  arrays = _read_cache(cache, listing, image_size)
+  if arrays is not None:
+    return arrays, True
   arrays = {}
   for split in SPLITS:
     arrays[f'{split}_images'], arrays[f'{split}_labels'] = _decode_split(

@@ -46,6 +46,41 @@ def test_load_makes_rgb_squares_and_caches_them(folder, tmp_path):
   assert len(list(tmp_path.glob('*.npz'))) == 1
 
 
+@pytest.mark.parametrize('damage', ['empty', 'cut_after_header', 'cut_in_half', 'cut_at_end',
+                                    'flipped_byte', 'other_arrays'])
+def test_damaged_cache_is_decoded_again_and_rewritten(folder, tmp_path, damage):
+  listing = image_folder.scan(folder)
+  fresh, _ = image_folder.load(listing, 8, cache_dir=tmp_path)
+  cache = next(tmp_path.glob('*.npz'))
+  data = cache.read_bytes()
+  if damage == 'other_arrays':  # a readable file, but not this folder's arrays
+    np.savez(cache, train_images=fresh['train_images'][:3])
+  elif damage == 'flipped_byte':  # inside the first array's pixels: only the zip CRC can tell
+    middle = data.index(b'\x93NUMPY') + 200
+    cache.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+  else:
+    cut = {'empty': 0, 'cut_after_header': 10, 'cut_in_half': len(data) // 2,
+           'cut_at_end': len(data) - 30}[damage]
+    cache.write_bytes(data[:cut])
+  again, cached = image_folder.load(listing, 8, cache_dir=tmp_path)
+  assert not cached
+  for key in fresh:
+    np.testing.assert_array_equal(again[key], fresh[key])
+  assert cache.read_bytes() == data  # rewritten whole
+  assert image_folder.load(listing, 8, cache_dir=tmp_path)[1]
+
+
+def test_unwritable_cache_leaves_no_partial_file(folder, tmp_path, monkeypatch):
+  def full_disk(file, **arrays):
+    file.write(b'PK\x03\x04 half an archive')
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(image_folder.np, 'savez', full_disk)
+  arrays, cached = image_folder.load(image_folder.scan(folder), 8, cache_dir=tmp_path)
+  assert not cached and arrays['train_images'].shape == (36, 8, 8, 3)
+  assert list(tmp_path.iterdir()) == []
+
+
 def test_cache_follows_the_folder_and_the_size(folder, tmp_path):
   copy = shutil.copytree(folder, tmp_path / 'copy')
   listing = image_folder.scan(copy)
