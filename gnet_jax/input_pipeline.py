@@ -12,6 +12,7 @@ import dataclasses
 import gzip
 import logging
 import os
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -101,7 +102,7 @@ def _read_bytes(path: Path) -> bytes:
       with gzip.open(path, 'rb') as f:
         return f.read()
     return path.read_bytes()
-  except (OSError, EOFError, gzip.BadGzipFile) as e:
+  except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
     raise DatasetError(f'{path}: cannot be read ({e}); the file is damaged, '
                        'download it again') from None
 

@@ -56,6 +56,8 @@ def _rewrite(path: Path, change) -> None:
     ('missing_file', 'IDX files missing: t10k-labels-idx1-ubyte'),
     ('truncated', 'truncated'),
     ('bad_gzip', 'cannot be read'),
+    ('bad_deflate_block', 'cannot be read'),
+    ('bad_crc', 'cannot be read'),
     ('wrong_magic', 'magic number 2049, expected 2051'),
     ('count_mismatch', 'holds 96 images but'),
     ('label_range', 'labels outside 0..9'),
@@ -70,6 +72,12 @@ def test_bad_files_give_clear_errors(idx_dir, tmp_path, case, expected):
     _rewrite(images, lambda d: d[:-100])
   elif case == 'bad_gzip':
     images.write_bytes(images.read_bytes()[:50])
+  elif case == 'bad_deflate_block':  # a gzip header, then a block of the reserved type: zlib.error
+    images.write_bytes(images.read_bytes()[:10] + b'\xff' * 100)
+  elif case == 'bad_crc':  # a whole stream whose checksum disagrees
+    data = bytearray(images.read_bytes())
+    data[-8] ^= 0xFF
+    images.write_bytes(bytes(data))
   elif case == 'wrong_magic':
     shutil.copy(labels, images)
   elif case == 'count_mismatch':
