@@ -29,18 +29,15 @@ def quiet_logs() -> None:
 def parse_config_flags(argv: list[str], flag_values: flags.FlagValues) -> list[str]:
   """absl flag parsing; config mistakes raise ``ConfigError`` before any work starts.
 
-  ml_collections reports an unknown ``--config.KEY`` as a bare AttributeError
-  and a config file that fails to load only when the config is first used;
-  both are turned into a clear message here.
+  ml_collections reports a config file that does not load (a syntax error, no
+  ``get_config``) and an unknown ``--config.KEY`` alike, as whatever Python
+  raised, some of it only when the config is first used; ``config_mistake``
+  finds which it was.
   """
-  from ml_collections import config_flags
-
   try:
     rest = flag_values(argv)
-  except (AttributeError, KeyError) as e:
-    bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
-    raise ConfigError(f'unknown config key in {" ".join(bad) or "the overrides"} ({e}); '
-                      f'{CONFIG_HINT}') from None
+  except (AttributeError, KeyError, OSError, SyntaxError, ImportError) as e:
+    raise ConfigError(config_mistake(argv, e)) from None
   except flags.Error as e:
     if '--config.' not in str(e):
       raise
@@ -48,15 +45,77 @@ def parse_config_flags(argv: list[str], flag_values: flags.FlagValues) -> list[s
   if 'config' in flag_values and flag_values['config'].value is not None:
     try:
       flag_values.config.keys()  # raises the deferred load error, if any
-    except (AttributeError, KeyError) as e:  # an override of an unknown key, applied lazily
-      raise ConfigError(f'unknown config key {str(e).strip(chr(34) + chr(39))}; '
-                        f'{CONFIG_HINT}') from None
-    except (OSError, ImportError, SyntaxError) as e:
-      path = config_flags.get_config_filename(flag_values['config'])
-      reason = 'no such file' if not os.path.isfile(path) else ' '.join(str(e).split())
-      raise ConfigError(f'cannot load the config file {path}: {reason} '
-                        '(pass --config configs/<name>.py)') from None
+    except (AttributeError, KeyError, OSError) as e:  # OSError: the file, loaded lazily
+      raise ConfigError(config_mistake(argv, e)) from None
   return rest
+
+
+def config_mistake(argv: list[str], error: BaseException,
+                   default_file: str | None = None) -> str:
+  """The message for a config that failed to parse: the file's own problem, else unknown keys.
+
+  ``default_file``: the config file loaded when ``argv`` names none.
+  """
+  import difflib
+
+  config, problem = load_config_file(_config_argument(argv) or default_file)
+  if problem:
+    return problem
+  keys = list(config or ())
+  overrides = [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
+  unknown = [key for key in overrides if config is not None and key.split('.')[0] not in config]
+  if not unknown:  # not a key we can name: pass on what ml_collections said
+    return f'bad --config override ({" ".join(str(error).split())}); {CONFIG_HINT}'
+  named = []
+  for key in unknown:
+    close = difflib.get_close_matches(key, keys, n=1)
+    named.append(f'--config.{key}' + (f' (did you mean {close[0]}?)' if close else ''))
+  return f'unknown config key {", ".join(named)}; {CONFIG_HINT}'
+
+
+def _config_argument(argv: list[str]) -> str | None:
+  """The value given to ``--config`` (``--config X`` or ``--config=X``), if any."""
+  for i, arg in enumerate(argv):
+    if arg in ('--config', '-config') and i + 1 < len(argv):
+      return argv[i + 1]
+    if arg.startswith(('--config=', '-config=')):
+      return arg.split('=', 1)[1]
+  return None
+
+
+def load_config_file(given: str | None) -> tuple[Any, str | None]:
+  """``(config, None)`` from a ``--config`` value, or ``(None, what is wrong with the file)``.
+
+  Loads the file as ml_collections does (``path[:argument]``, ``get_config``
+  called with the argument) but on its own, so that a file's own mistake is
+  not reported as an override's. ``(None, None)`` for no file.
+  """
+  import importlib.util
+  import ml_collections
+
+  if given is None:
+    return None, None
+  path, *argument = given.split(':', 1)
+  prefix = f'cannot load the config file {path}'
+  fix = 'pass --config configs/<name>.py'
+  if not os.path.isfile(path):
+    return None, f'{prefix}: no such file ({fix})'
+  try:
+    spec = importlib.util.spec_from_file_location('gnet_jax_config_check', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  except (SyntaxError, ImportError) as e:
+    where = f' at line {e.lineno}' if isinstance(e, SyntaxError) and e.lineno else ''
+    return None, f'{prefix}: {type(e).__name__}: {e.msg if where else e}{where} ({fix})'
+  get_config = getattr(module, 'get_config', None)
+  if not callable(get_config):
+    return None, (f'{prefix}: it defines no get_config() function; a config file returns its '
+                  'settings from get_config(), as configs/mnist.py does')
+  config = get_config(*argument)
+  if not isinstance(config, (ml_collections.ConfigDict, dict)):
+    return None, (f'{prefix}: get_config() returned {type(config).__name__}, not an '
+                  'ml_collections.ConfigDict (start from configs/default.get_config())')
+  return config, None
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -482,8 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                            flag_values=fv)
       args = cli.parse_config_flags(argv, fv)[1:]
   except (AttributeError, KeyError) as e:  # the default config loads, overrides applied, above
-    print(f'error: unknown config key {str(e).strip(chr(34) + chr(39))}; {cli.CONFIG_HINT}',
-          file=sys.stderr)
+    print(f'error: {cli.config_mistake(argv, e, _default_config_path())}', file=sys.stderr)
     return 2
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)

@@ -54,7 +54,7 @@ def test_summary_prints_stage_table():
 
 
 @pytest.mark.parametrize('args, expected', [
-    (['--config.not_a_key=1'], 'unknown config key in --config.not_a_key'),
+    (['--config.not_a_key=1'], 'unknown config key --config.not_a_key'),
     (['--config.batch_size=abc'], "--config.batch_size=abc: invalid literal"),
     (['--config.data_source=idx', '--config.data_dir=/nonexistent/fmnist'],
      'data_dir /nonexistent/fmnist does not exist'),
@@ -72,6 +72,28 @@ def test_bad_input_is_one_clear_error(args, expected, tmp_path):
   assert 'Traceback' not in result.stderr
   assert result.stderr.startswith('error: ')
   assert not any(tmp_path.iterdir())  # nothing written to the workdir
+
+
+@pytest.mark.parametrize('source, overrides, expected', [
+    ('def get_config(:\n', [], 'bad.py: SyntaxError: invalid syntax at line 1'),
+    ('import no_such_module\n', ['--config.batch_size=8'],
+     "bad.py: ModuleNotFoundError: No module named 'no_such_module'"),
+    ('x = 1\n', ['--config.batch_size=8'], 'bad.py: it defines no get_config() function'),
+    ('def get_config():\n  return 8\n', [],
+     'bad.py: get_config() returned int, not an ml_collections.ConfigDict'),
+    (None, ['--config.batch_size=8'], 'bad.py: no such file'),
+    ('from configs.quickstart import get_config\n', ['--config.batch_sz=8', '--config.lr=1'],
+     'unknown config key --config.batch_sz (did you mean batch_size?), --config.lr;'),
+])
+def test_config_file_mistakes_are_named(tmp_path, source, overrides, expected):
+  config_file = tmp_path / 'bad.py'
+  if source is not None:
+    config_file.write_text(source)
+  result = run_train('--config', str(config_file), '--workdir', str(tmp_path / 'run'), *overrides)
+  assert result.returncode == 2
+  assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1, result.stderr
+  assert expected in result.stderr
+  assert not (tmp_path / 'run').exists()
 
 
 def test_workdir_that_is_a_file(tmp_path):

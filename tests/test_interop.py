@@ -246,7 +246,7 @@ def test_cli_errors(tmp_path, capsys):
        '3-channel images'),
       (['import', str(tmp_path / 'c7.pt')], 'needs --workdir'),
       (['import', str(tmp_path / 'c7.pt'), '--workdir', 'x', '--config.bogus=1'],
-       'unknown config key bogus'),
+       'unknown config key --config.bogus'),
       (['import', str(tmp_path / 'c7.pt'), '--workdir', 'x', '--config', 'nothere.py'],
        'nothere.py: no such file'),
       (['export', str(tmp_path / 'empty'), str(tmp_path / 'out.pt')], 'no checkpoints'),
