@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -35,9 +36,11 @@ TARGET_TEST_ACC = 0.88
 
 def run_facts(workdir: Path, history: list[dict], command: str, commit: str) -> dict:
   """What a reader needs to rerun and judge the run; the processes are counted by their
-  TensorBoard event files (one per process that trained, see ``metrics.tensorboard_writer``)."""
+  TensorBoard event files: one per process that trained, named ``....PID.PURGE_STEP`` by
+  ``metrics.tensorboard_writer`` (the hparams file of a fresh start has no such suffix)."""
   config = json.loads((workdir / 'config.json').read_text())
-  events = list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  events = [f for f in (workdir / 'tensorboard').glob('events.out.tfevents.*')
+            if re.search(r'\.\d+\.\d+$', f.name)]
   reached = next((m['epoch'] for m in history if m['test_acc'] >= TARGET_TEST_ACC), None)
   info = throughput.machine_info(None, None)
   return {

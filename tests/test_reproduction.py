@@ -17,9 +17,15 @@ from gnet_jax import metrics  # noqa: E402
 
 def _fake_run(workdir, epochs_done: int, num_epochs: int = 2):
   """A workdir as train.py leaves it: config, per-epoch metrics, intra-epoch points, 2 processes."""
-  (workdir / 'tensorboard').mkdir(parents=True)
-  for i in range(2):  # a run resumed once: two processes, two event files
-    (workdir / 'tensorboard' / f'events.out.tfevents.{i}.host').write_bytes(b'')
+  # A run resumed once: two processes, each with its writer, and the fresh start's hparams
+  # file beside them, as train.py's RunLog leaves them.
+  for purge_step in (None, 468):
+    writer = metrics.tensorboard_writer(workdir, purge_step)
+    if purge_step is None:
+      writer.add_hparams({'batch_size': 128}, {}, name='.', global_step=0)
+    writer.add_scalar('train/loss', 1.0, purge_step or 1)
+    writer.close()
+  assert len(list((workdir / 'tensorboard').iterdir())) == 3
   (workdir / 'config.json').write_text(json.dumps({'num_epochs': num_epochs, 'image_size': 96}))
   history = [{'epoch': e, 'step': 468 * e, 'train_loss': 1.0 / e, 'train_acc': 0.8 + 0.05 * e,
               'test_loss': 0.5, 'test_acc': 0.85 + 0.02 * e, 'examples_per_sec': 60.0 + e,
