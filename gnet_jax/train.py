@@ -215,14 +215,22 @@ def _restore_or_init(workdir: Path, init: TrainState, config: ml_collections.Con
   return host_state, step, damaged, True
 
 
+def make_train_step(runner: parallel.Runner, model: Any, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, spec: input_pipeline.DatasetSpec
+                    ) -> Callable:
+  """``train_step`` with the config's settings, placed by ``runner``: the step a run takes
+  (``benchmarks/replay.py`` replays a run's steps with it)."""
+  return runner.train_step(train_step, model=model, tx=tx, image_size=config.image_size,
+                           aux_weight=float(config.aux_weight),
+                           normalization=spec.normalization, augment_crop=config.augment_crop,
+                           augment_flip=config.augment_flip,
+                           augment_padding=config.augment_padding)
+
+
 def _compile_train_step(runner, model, tx, config, spec, state, first_batch) -> Callable:
   """AOT-compiled train step, so the first epoch's examples/sec excludes compilation."""
   t0 = time.perf_counter()
-  step_fn = runner.train_step(train_step, model=model, tx=tx, image_size=config.image_size,
-                              aux_weight=float(config.aux_weight),
-                              normalization=spec.normalization, augment_crop=config.augment_crop,
-                              augment_flip=config.augment_flip,
-                              augment_padding=config.augment_padding)
+  step_fn = make_train_step(runner, model, tx, config, spec)
   compiled = step_fn.lower(state, runner.put_batch(first_batch)).compile()
   if jax.process_index() == 0:
     since_start = xla_flags.seconds_since_process_start()

@@ -1,0 +1,74 @@
+"""benchmarks/replay.py: a run's steps retraced from a checkpoint, in gnet-jax and in PyTorch."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / 'benchmarks'))
+import replay  # noqa: E402
+
+from configs import default  # noqa: E402
+from gnet_jax import metrics, train  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory, idx_dir):
+  """The book's recipe (plain SGD lr 0.1) at 28x28 on the tiny data: 4 steps, checkpoints at 2
+  and 4, evaluated at 4."""
+  config = default.get_config()
+  config.update(image_size=28, batch_size=8, train_examples=32, num_epochs=1,
+                checkpoint_every_steps=2, data_source='idx', data_dir=str(idx_dir),
+                progress=False, max_checkpoints=0, num_devices=1)
+  workdir = tmp_path_factory.mktemp('replay_run')
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_jax_replay_retraces_the_run_bit_for_bit(run, tmp_path, capsys):
+  out = tmp_path / 'replay.json'
+  assert replay.main(['--workdir', str(run), '--start', '2', '--stop', '4', '--check', '4',
+                      '--eval', '--out', str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert 'parameters after step 4 vs its checkpoint: bit-identical' in printed
+  result = json.loads(out.read_text())
+  assert [r['step'] for r in result['rows']] == [3, 4]
+  assert result['checks']['4']['identical'] and result['checks']['4']['distance'] == 0.0
+  (epoch,) = metrics.read_jsonl(run / 'metrics.jsonl')
+  assert result['test']['accuracy'] == epoch['test_acc']  # same weights, same evaluation
+  # The run's epoch sums hold steps 1-4; the replayed 3-4 with the first two make them up.
+  assert all(r['update_norm'] > 0 and 0 <= r['acc'] <= 1 for r in result['rows'])
+
+
+def test_torch_replay_follows_the_same_steps(run, tmp_path):
+  pytest.importorskip('torch')
+  jax_out, torch_out = tmp_path / 'jax.json', tmp_path / 'torch.json'
+  assert replay.main(['--workdir', str(run), '--start', '2', '--stop', '4',
+                      '--out', str(jax_out)]) == 0
+  assert replay.main(['--workdir', str(run), '--start', '2', '--stop', '4', '--torch',
+                      '--out', str(torch_out)]) == 0
+  jax_rows = json.loads(jax_out.read_text())['rows']
+  torch_rows = json.loads(torch_out.read_text())['rows']
+  for key, rtol in (('loss', 1e-4), ('acc', 0), ('update_norm', 1e-3)):
+    np.testing.assert_allclose([r[key] for r in torch_rows], [r[key] for r in jax_rows],
+                               rtol=rtol, err_msg=key)
+
+
+def test_summary_names_the_spike_steps():
+  rows = [{'step': s, 'loss': 0.3, 'acc': 0.9, 'update_norm': 0.1} for s in range(1, 11)]
+  rows[6] = {'step': 7, 'loss': 2.5, 'acc': 0.1, 'update_norm': 3.0}
+  lines = replay.summary_lines({'rows': rows, 'checks': {}}, spike_factor=3.0)
+  assert lines[2] == '| 7 | 2.500 | 0.100 | 3.0000 |' and len(lines) == 4
+  assert lines[-1].endswith('first step at 3x the median loss or more: 7')
+
+
+def test_bad_steps_are_one_error(run, capsys):
+  with pytest.raises(SystemExit) as info:
+    replay.main(['--workdir', str(run), '--start', '4', '--stop', '2'])
+  assert info.value.code == 2 and '--stop 2 must be after --start 4' in capsys.readouterr().err
+  with pytest.raises(SystemExit) as info:
+    replay.main(['--workdir', str(run), '--start', '3', '--stop', '4'])
+  assert info.value.code == 2 and 'error:' in capsys.readouterr().err
