@@ -1,6 +1,7 @@
 """Replays a run's steps from one of its checkpoints: loss, accuracy and update size, step by step.
 
     python benchmarks/replay.py --workdir runs/book --start 4500 --stop 4606 --check 4600
+    python benchmarks/replay.py --workdir runs/book --start 4500 --stop 4680 --ops-at c638eba ...
     python benchmarks/replay.py --workdir runs/book --start 4500 --stop 4680 --eval
     GNET_JAX_XLA_DEFAULTS=0 python benchmarks/replay.py --workdir runs/book --start 4500 ...
     python benchmarks/replay.py --workdir runs/book --start 4500 --stop 4680 --eval --torch
@@ -12,7 +13,10 @@ and batches or of the last bits of the arithmetic:
 - gnet-jax (default) takes the exact steps ``train.py`` takes (the same
   ``train.make_train_step``, batches, XLA flags), so from a checkpoint it
   retraces the run bit for bit: ``--check STEP`` compares the parameters
-  with that step's checkpoint.
+  with that step's checkpoint. A run trained by an older commit is retraced
+  with that commit's kernels, ``--ops-at REV`` (``gnet_jax/ops.py`` as
+  committed there, as ``benchmarks/kernels_ab.py`` swaps it in): kernels
+  that compute the same values may still round differently in the last bit.
 - ``GNET_JAX_XLA_DEFAULTS=0`` compiles with XLA's own CPU flags instead of
   gnet-jax's (``gnet_jax.xla_flags``): the same computation, different
   rounding in the last bits.
@@ -29,6 +33,7 @@ writes every row and the summary as JSON. Runs on one device.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -162,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="compare the parameters with these steps' checkpoints")
   parser.add_argument('--eval', action='store_true', help='evaluate the test split at the end')
   parser.add_argument('--torch', action='store_true', help='continue in the PyTorch original')
+  parser.add_argument('--ops-at', metavar='REV',
+                      help="trace GoogLeNet with gnet_jax/ops.py as committed at REV (the run's)")
   parser.add_argument('--spike-factor', type=float, default=3.0,
                       help='list the steps whose loss is this many times the median or more')
   parser.add_argument('--out', help='write the rows and the summary to this JSON file')
@@ -175,13 +182,21 @@ def main(argv: list[str] | None = None) -> int:
     data = train.load_data(ck.config)
   except cli.InputError as e:
     cli.fail(str(e))
-  result = (replay_torch(ck, data, args.stop, args.eval) if args.torch else
-            replay_jax(args.workdir, ck, data, args.stop, set(args.check), args.eval))
+  if args.torch:
+    result = replay_torch(ck, data, args.stop, args.eval)
+  else:
+    kernels = contextlib.nullcontext()
+    if args.ops_at:
+      import kernels_ab
+      kernels = kernels_ab.models_using(kernels_ab.ops_at(args.ops_at))
+    with kernels:  # every trace of the model happens inside
+      result = replay_jax(args.workdir, ck, data, args.stop, set(args.check), args.eval)
   for line in summary_lines(result, args.spike_factor):
     print(line)
   if args.out:
     Path(args.out).write_text(json.dumps({'workdir': str(args.workdir), 'start': args.start,
                                           'framework': 'torch' if args.torch else 'jax',
+                                          'ops_at': args.ops_at,
                                           **result}, indent=1))
   return 0
 

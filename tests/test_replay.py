@@ -43,6 +43,15 @@ def test_jax_replay_retraces_the_run_bit_for_bit(run, tmp_path, capsys):
   assert all(r['update_norm'] > 0 and 0 <= r['acc'] <= 1 for r in result['rows'])
 
 
+def test_replay_with_the_kernels_of_a_commit(run, tmp_path):
+  """--ops-at REV traces GoogLeNet with ops.py as committed at REV; HEAD's are the run's own."""
+  out = tmp_path / 'replay.json'
+  assert replay.main(['--workdir', str(run), '--start', '2', '--stop', '4', '--check', '4',
+                      '--ops-at', 'HEAD', '--out', str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result['ops_at'] == 'HEAD' and result['checks']['4']['identical']
+
+
 def test_torch_replay_follows_the_same_steps(run, tmp_path):
   pytest.importorskip('torch')
   jax_out, torch_out = tmp_path / 'jax.json', tmp_path / 'torch.json'
