@@ -93,9 +93,8 @@ def replay_jax(workdir: str, ck, data, stop: int, check: set[int], evaluate: boo
                  'update_norm': param_distance(new_params, params)})
     params, sums = new_params, new_sums
     if step in check:
-      saved = state_lib.load_checkpoint(workdir, step).state.params
-      checks[step] = {'identical': param_distance(params, saved) == 0.0,
-                      'distance': param_distance(params, saved)}
+      distance = param_distance(params, state_lib.load_checkpoint(workdir, step).state.params)
+      checks[step] = {'identical': distance == 0.0, 'distance': distance}
   result = {'rows': rows, 'checks': checks}
   if evaluate:
     eval_fn = train.compile_eval(runner, model, config.image_size, spec)
