@@ -61,14 +61,13 @@ def config_mistake(argv: list[str], error: BaseException,
   config, problem = load_config_file(_config_argument(argv) or default_file)
   if problem:
     return problem
-  keys = list(config or ())
   overrides = [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
-  unknown = [key for key in overrides if config is not None and key.split('.')[0] not in config]
-  if not unknown:  # not a key we can name: pass on what ml_collections said
+  unknown = [key for key in overrides if key.split('.')[0] not in (config or ())]
+  if config is None or not unknown:  # not a key we can name: pass on what ml_collections said
     return f'bad --config override ({" ".join(str(error).split())}); {CONFIG_HINT}'
   named = []
   for key in unknown:
-    close = difflib.get_close_matches(key, keys, n=1)
+    close = difflib.get_close_matches(key, list(config), n=1)
     named.append(f'--config.{key}' + (f' (did you mean {close[0]}?)' if close else ''))
   return f'unknown config key {", ".join(named)}; {CONFIG_HINT}'
 
