@@ -141,9 +141,10 @@ def summary_lines(result: dict, spike_factor: float) -> list[str]:
   rows = result['rows']
   median = float(np.median([r['loss'] for r in rows]))
   lines = ['| step | loss | batch acc | update norm |', '|---|---|---|---|']
+  spikes = [r for r in rows if r['loss'] >= spike_factor * median]
   lines += [f"| {r['step']} | {r['loss']:.3f} | {r['acc']:.3f} | {r['update_norm']:.4f} |"
-            for r in rows if r['loss'] >= spike_factor * median]
-  first = next((r['step'] for r in rows if r['loss'] >= spike_factor * median), None)
+            for r in spikes]
+  first = spikes[0]['step'] if spikes else None
   lines.append(f'{len(rows)} steps {rows[0]["step"]}-{rows[-1]["step"]}: median loss '
                f'{median:.3f}, mean {np.mean([r["loss"] for r in rows]):.4f}, largest update '
                f'{max(r["update_norm"] for r in rows):.4f}; first step at {spike_factor:g}x the '
