@@ -39,7 +39,6 @@ def test_jax_replay_retraces_the_run_bit_for_bit(run, tmp_path, capsys):
   assert result['checks']['4']['identical'] and result['checks']['4']['distance'] == 0.0
   (epoch,) = metrics.read_jsonl(run / 'metrics.jsonl')
   assert result['test']['accuracy'] == epoch['test_acc']  # same weights, same evaluation
-  # The run's epoch sums hold steps 1-4; the replayed 3-4 with the first two make them up.
   assert all(r['update_norm'] > 0 and 0 <= r['acc'] <= 1 for r in result['rows'])
 
 
