@@ -394,7 +394,7 @@ def jax_worker() -> None:
 
 
 class TorchBench:
-  """The PyTorch original (tests/torch_reference.py) on the device matching JAX's."""
+  """The PyTorch original (gnet_jax/torch_reference.py) on the device matching JAX's."""
 
   def __init__(self, device: str):
     import torch
@@ -440,7 +440,7 @@ class TorchBench:
   def _setup(self, req: dict):
     """Fresh network, optimizer and batch for one row, in the row's layout and mode."""
     torch = self.torch
-    from tests.torch_reference import googlenet
+    from gnet_jax.torch_reference import googlenet
     torch.manual_seed(0)
     layout = (torch.contiguous_format if req['variant'] == 'eager NCHW'
               else torch.channels_last)

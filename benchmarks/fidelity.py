@@ -6,7 +6,7 @@
 
 Both networks start from the **same weights** (gnet-jax's initial parameters,
 converted with ``gnet_jax.interop.params_to_torch`` and loaded into the d2l
-PyTorch GoogLeNet of ``tests/torch_reference.py``) and see the **same batches
+PyTorch GoogLeNet of ``gnet_jax/torch_reference.py``) and see the **same batches
 in the same order** (``gnet_jax.input_pipeline.train_batches``, the order
 ``train.py`` uses). Each uint8 batch is turned into float32 pixels once, by
 gnet-jax's own ``input_pipeline.preprocess`` (jitted), and PyTorch gets that very array

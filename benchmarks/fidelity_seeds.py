@@ -7,7 +7,7 @@
 Unlike ``benchmarks/fidelity.py`` (same start, same batches), every run here is
 independent, the way a user would train either network:
 
-- ``torch``: the d2l PyTorch GoogLeNet (``tests/torch_reference.py``) with its
+- ``torch``: the d2l PyTorch GoogLeNet (``gnet_jax/torch_reference.py``) with its
   own initialisation (``torch.manual_seed(seed)``, Xavier-uniform weights,
   PyTorch's default uniform biases), its own shuffling (``torch.randperm``
   from a generator seeded with ``seed``), ``torch.optim.SGD`` and

@@ -91,7 +91,7 @@ def profile_torch(size: int, batch: int, steps: int) -> dict:
   from torch.nn import functional as F
   from torch.profiler import ProfilerActivity, profile
 
-  from tests.torch_reference import googlenet
+  from gnet_jax.torch_reference import googlenet
 
   torch.manual_seed(0)
   net = googlenet().to(memory_format=torch.channels_last)

@@ -21,7 +21,7 @@ and batches or of the last bits of the arithmetic:
   gnet-jax's (``gnet_jax.xla_flags``): the same computation, different
   rounding in the last bits.
 - ``--torch`` continues from the same weights in the PyTorch original
-  (``tests/torch_reference.py``, plain SGD as the config), on the same batches
+  (``gnet_jax/torch_reference.py``, plain SGD as the config), on the same batches
   with the same float32 pixels.
 
 Per step: the batch's mean loss and accuracy, and ``update_norm``, the global

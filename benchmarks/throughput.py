@@ -150,7 +150,7 @@ def torch_worker(args) -> None:
   import torch
   from torch.nn import functional as F
 
-  from tests.torch_reference import googlenet
+  from gnet_jax.torch_reference import googlenet
 
   t0 = time.perf_counter()
   device = torch.device(args.torch_device)

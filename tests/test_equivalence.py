@@ -3,7 +3,7 @@
 Forward pass (one Inception block, and the whole network), the loss gradient
 of every parameter, one real ``train_step`` against ``torch.optim.SGD``, and the
 per-stage shape table. Weights always come from the PyTorch reference
-(``tests/torch_reference.py``, nonzero biases) through ``gnet_jax.interop``.
+(``gnet_jax/torch_reference.py``, nonzero biases) through ``gnet_jax.interop``.
 These tests guard any rewrite of ``gnet_jax.models`` (fused convs, custom
 pooling): the parameter tree and the numbers must stay the same.
 """
@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip('torch')
 F = torch.nn.functional
 
-import torch_reference  # noqa: E402
+from gnet_jax import torch_reference  # noqa: E402
 from conftest import REPO  # noqa: E402
 from gnet_jax import input_pipeline, interop, models, state as state_lib, train  # noqa: E402
 

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-import torch_reference  # noqa: E402
+from gnet_jax import torch_reference  # noqa: E402
 from conftest import REPO, make_images  # noqa: E402
 from gnet_jax import interop, models, state as state_lib  # noqa: E402
 from gnet_jax.errors import DependencyError  # noqa: E402

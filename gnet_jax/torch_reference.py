@@ -5,7 +5,9 @@ Deep Learning*, section 8.4: an ``nn.Sequential(b1, b2, b3, b4, b5,
 nn.Linear(1024, num_classes))`` whose Inception modules name their convs
 ``p1_1``, ``p2_1``, ``p2_2``, ``p3_1``, ``p3_2``, ``p4_2``. Its ``state_dict``
 keys are therefore exactly those of a model trained with the book's code.
-Not part of the package: only tests and benchmarks import it.
+Part of the package so that tests, benchmarks and users import it from one place
+(``from gnet_jax import torch_reference``); it needs PyTorch, and nothing else in
+``gnet_jax`` imports it.
 """
 
 from __future__ import annotations
