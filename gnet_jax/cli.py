@@ -26,27 +26,31 @@ def quiet_logs() -> None:
   absl_logging.set_verbosity(absl_logging.ERROR)
 
 
-def parse_config_flags(argv: list[str], flag_values: flags.FlagValues) -> list[str]:
+def parse_config_flags(argv: list[str], flag_values: flags.FlagValues,
+                       default_file: str | None = None) -> list[str]:
   """absl flag parsing; config mistakes raise ``ConfigError`` before any work starts.
 
   ml_collections reports a config file that does not load (a syntax error, no
-  ``get_config``) and an unknown ``--config.KEY`` alike, as whatever Python
-  raised, some of it only when the config is first used; ``config_mistake``
-  finds which it was.
+  ``get_config``, an exception inside it) and an unknown ``--config.KEY``
+  alike, as whatever Python raised, some of it only when the config is first
+  used; ``config_mistake`` finds which it was. ``default_file``: the config
+  file the flag loads when ``argv`` names none.
   """
   try:
     rest = flag_values(argv)
-  except (AttributeError, KeyError, OSError, SyntaxError, ImportError) as e:
-    raise ConfigError(config_mistake(argv, e)) from None
-  except flags.Error as e:
-    if '--config.' not in str(e):
-      raise
-    raise ConfigError(f'{e}; {CONFIG_HINT}') from None
-  if 'config' in flag_values and flag_values['config'].value is not None:
-    try:
+    if 'config' in flag_values and flag_values['config'].value is not None:
       flag_values.config.keys()  # raises the deferred load error, if any
-    except (AttributeError, KeyError, OSError) as e:  # OSError: the file, loaded lazily
-      raise ConfigError(config_mistake(argv, e)) from None
+  except Exception as e:  # pylint: disable=broad-except  (whatever the config file raised)
+    _, problem = load_config_file(_config_argument(argv) or default_file)
+    if problem:
+      raise ConfigError(problem) from None
+    if isinstance(e, flags.Error):
+      if '--config.' not in str(e):
+        raise
+      raise ConfigError(f'{e}; {CONFIG_HINT}') from None
+    if isinstance(e, (AttributeError, KeyError, OSError)):  # an override's key
+      raise ConfigError(config_mistake(argv, e, default_file)) from None
+    raise
   return rest
 
 
@@ -85,36 +89,92 @@ def _config_argument(argv: list[str]) -> str | None:
 def load_config_file(given: str | None) -> tuple[Any, str | None]:
   """``(config, None)`` from a ``--config`` value, or ``(None, what is wrong with the file)``.
 
-  Loads the file as ml_collections does (``path[:argument]``, ``get_config``
-  called with the argument) but on its own, so that a file's own mistake is
-  not reported as an override's. ``(None, None)`` for no file.
+  Loads ``path[:argument]`` with ml_collections' own loader (the parser behind
+  ``config_flags.DEFINE_config_file``), on its own, so that a file's own
+  mistake is not reported as an override's. Anything the file raises (a syntax
+  error, a failed import, a ``NameError`` or an unknown key inside
+  ``get_config()``) is named with the line of the file it came from.
+  ``(None, None)`` for no file.
   """
-  import importlib.util
   import ml_collections
+  # ConfigFileFlagParser is the public class behind DEFINE_config_file (the package's
+  # __init__ exports only the DEFINE_* functions); its parse() is the path:argument loader.
+  from ml_collections.config_flags import config_flags
 
   if given is None:
     return None, None
-  path, *argument = given.split(':', 1)
+  path = given.split(':', 1)[0]
   prefix = f'cannot load the config file {path}'
   fix = 'pass --config configs/<name>.py'
   if not os.path.isfile(path):
     return None, f'{prefix}: no such file ({fix})'
   try:
-    spec = importlib.util.spec_from_file_location('gnet_jax_config_check', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-  except (SyntaxError, ImportError) as e:
-    where = f' at line {e.lineno}' if isinstance(e, SyntaxError) and e.lineno else ''
-    return None, f'{prefix}: {type(e).__name__}: {e.msg if where else e}{where} ({fix})'
-  get_config = getattr(module, 'get_config', None)
-  if not callable(get_config):
-    return None, (f'{prefix}: it defines no get_config() function; a config file returns its '
-                  'settings from get_config(), as configs/mnist.py does')
-  config = get_config(*argument)
+    with warnings.catch_warnings():  # its importlib call is deprecated on Python >= 3.11
+      warnings.simplefilter('ignore', DeprecationWarning)
+      config = config_flags.ConfigFileFlagParser('gnet_jax_check', lock_config=False).parse(given)
+  except Exception as e:  # pylint: disable=broad-except  (any error of the user's file)
+    return None, _file_error(path, e)
   if not isinstance(config, (ml_collections.ConfigDict, dict)):
+    try:  # the loader's stand-in for a file it could not open raises its OSError when used
+      getattr(config, 'keys', None)
+    except OSError as e:
+      return None, f'{prefix}: {" ".join(str(e.__cause__ or e).split())} ({fix})'
     return None, (f'{prefix}: get_config() returned {type(config).__name__}, not an '
                   'ml_collections.ConfigDict (start from configs/default.get_config())')
   return config, None
+
+
+def _file_error(path: str, error: BaseException) -> str:
+  """One line for an exception raised while loading config file ``path``: where and what."""
+  # The loader re-raises a TypeError/ValueError as a new one holding the traceback as text;
+  # the original is its __context__.
+  if (isinstance(error, (TypeError, ValueError)) and error.__context__ is not None
+      and str(error).startswith('Error whilst parsing config file')):
+    error = error.__context__
+  prefix = f'cannot load the config file {path}'
+  if isinstance(error, AttributeError) and error.name == 'get_config' and not _line_in(
+      path, error):
+    return (f'{prefix}: it defines no get_config() function; a config file returns its '
+            'settings from get_config(), as configs/mnist.py does')
+  if isinstance(error, SyntaxError) and error.lineno and _same_file(error.filename, path):
+    line, message = error.lineno, error.msg
+  else:
+    line, message = _line_in(path, error), str(error)
+  key = _missing_key(error)
+  if key is not None:
+    message = f'config has no key {key!r} (configs/default.py lists every key)'
+  where = f', line {line}' if line else ''
+  return f'{prefix}{where}: {type(error).__name__}: {" ".join(message.split())}; fix the file'
+
+
+def _line_in(path: str, error: BaseException) -> int | None:
+  """The line of ``path`` that ``error`` went through last (its traceback's innermost such frame)."""
+  import traceback
+
+  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+           if _same_file(frame.filename, path)]
+  return lines[-1] if lines else None
+
+
+def _same_file(name: str | None, path: str) -> bool:
+  return bool(name) and os.path.isfile(name) and os.path.samefile(name, path)
+
+
+def _missing_key(error: BaseException) -> str | None:
+  """The key of a ConfigDict's AttributeError for a key it lacks, else None.
+
+  A ConfigDict raises ``AttributeError(KeyError(...))`` for both an unknown
+  key read and a new key set while locked; its message lists every field, too
+  long for one line, so only the key is named.
+  """
+  import re
+
+  if not isinstance(error, AttributeError) or not error.args or not isinstance(
+      error.args[0], KeyError):
+    return None
+  text = str(error.args[0].args[0]) if error.args[0].args else ''
+  found = re.match(r'Key "(.+?)" does not exist', text)
+  return found.group(1) if found else (error.name or text or None)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

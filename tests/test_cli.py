@@ -75,15 +75,28 @@ def test_bad_input_is_one_clear_error(args, expected, tmp_path):
 
 
 @pytest.mark.parametrize('source, overrides, expected', [
-    ('def get_config(:\n', [], 'bad.py: SyntaxError: invalid syntax at line 1'),
+    ('def get_config(:\n', [], 'bad.py, line 1: SyntaxError: invalid syntax'),
     ('import no_such_module\n', ['--config.batch_size=8'],
-     "bad.py: ModuleNotFoundError: No module named 'no_such_module'"),
+     "bad.py, line 1: ModuleNotFoundError: No module named 'no_such_module'"),
     ('x = 1\n', ['--config.batch_size=8'], 'bad.py: it defines no get_config() function'),
     ('def get_config():\n  return 8\n', [],
      'bad.py: get_config() returned int, not an ml_collections.ConfigDict'),
     (None, ['--config.batch_size=8'], 'bad.py: no such file'),
     ('from configs.quickstart import get_config\n', ['--config.batch_sz=8', '--config.lr=1'],
      'unknown config key --config.batch_sz (did you mean batch_size?), --config.lr;'),
+    # get_config() itself fails: the file, the line in it and the exception, no traceback.
+    ('def get_config():\n  return undefined_name\n', [],
+     "bad.py, line 2: NameError: name 'undefined_name' is not defined"),
+    ('from configs import default\ndef get_config():\n  config = default.get_config()\n'
+     '  config.lock()\n  config.not_a_key = 1\n  return config\n', ['--config.batch_size=8'],
+     "bad.py, line 5: AttributeError: config has no key 'not_a_key'"),
+    ('from configs import default\ndef get_config():\n  config = default.get_config()\n'
+     '  config.batch_size = config.bogus\n  return config\n', [],
+     "bad.py, line 4: AttributeError: config has no key 'bogus'"),
+    ('def get_config():\n  raise ValueError("no such recipe")\n', [],
+     'bad.py, line 2: ValueError: no such recipe'),
+    ('x = 1\ny = x.missing\n', [], "bad.py, line 2: AttributeError: 'int' object has no "
+                                   "attribute 'missing'"),
 ])
 def test_config_file_mistakes_are_named(tmp_path, source, overrides, expected):
   config_file = tmp_path / 'bad.py'
@@ -94,6 +107,19 @@ def test_config_file_mistakes_are_named(tmp_path, source, overrides, expected):
   assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1, result.stderr
   assert expected in result.stderr
   assert not (tmp_path / 'run').exists()
+
+
+def test_config_file_argument_reaches_get_config(tmp_path):
+  from gnet_jax import cli
+  config_file = tmp_path / 'sized.py'
+  config_file.write_text('from configs import default\ndef get_config(size):\n'
+                         '  config = default.get_config()\n  config.image_size = int(size)\n'
+                         '  return config\n')
+  config, problem = cli.load_config_file(f'{config_file}:32')
+  assert problem is None and config.image_size == 32
+  config, problem = cli.load_config_file(str(config_file))  # no argument for get_config(size)
+  assert config is None and problem.startswith(f'cannot load the config file {config_file}: '
+                                               'TypeError: get_config() missing 1 required')
 
 
 def test_workdir_that_is_a_file(tmp_path):
