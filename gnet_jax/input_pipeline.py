@@ -233,14 +233,9 @@ def _tfds_spec(dataset: str, builder) -> tuple[tuple, tuple[str, ...]]:
 
 
 def available_memory() -> int:
-  """Bytes of memory this machine can still give (MemAvailable), or 0 when unknown."""
-  try:
-    for line in Path('/proc/meminfo').read_text().splitlines():
-      if line.startswith('MemAvailable:'):
-        return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return 0
+  """Bytes of memory this machine can still give without swapping, on any OS (psutil)."""
+  import psutil
+  return int(psutil.virtual_memory().available)
 
 
 def check_fits_in_memory(what: str, num_images: int, shape: tuple[int, int, int]) -> None:

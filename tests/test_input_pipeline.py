@@ -163,3 +163,20 @@ def test_preprocess_matches_torch_antialiased_bilinear_resize():
         mode='bilinear', antialias=True, align_corners=False).permute(0, 2, 3, 1).numpy()
     assert ours.dtype == np.float32 and ours.shape == (2, size, size, 1)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_available_memory_comes_from_psutil_off_linux_too(monkeypatch):
+  import collections
+  import pathlib
+
+  import psutil
+
+  def no_proc(self, *args, **kwargs):  # as on macOS or Windows: there is no /proc/meminfo
+    raise FileNotFoundError(str(self))
+
+  monkeypatch.setattr(pathlib.Path, 'read_text', no_proc)
+  memory = collections.namedtuple('svmem', 'total available')(8 * 2**30, 3 * 2**30)
+  monkeypatch.setattr(psutil, 'virtual_memory', lambda: memory)
+  assert ip.available_memory() == 3 * 2**30
+  with pytest.raises(ip.DatasetError, match='3.0 GiB is available'):
+    ip.check_fits_in_memory('big', 4 * 2**20, (32, 32, 3))  # 12 GiB
