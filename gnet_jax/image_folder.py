@@ -29,7 +29,7 @@ from gnet_jax.errors import DatasetError
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif')
 SPLITS = ('train', 'test')
-CACHE_VERSION = 1  # bump when the decoding below changes what an image becomes
+CACHE_VERSION = 2  # bump when the decoding below changes what an image becomes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,31 +100,73 @@ def fit_square(image, image_size: int):
   return ImageOps.fit(image, (image_size, image_size), method=Image.Resampling.BILINEAR)
 
 
-def load_rgb(path: str | os.PathLike, image_size: int) -> np.ndarray:
-  """One file as training sees it: uint8 ``[image_size, image_size, 3]``.
+# Pillow's modes for 16-bit grey (PNG, TIFF); 'I' is 32-bit int, 'F' 32-bit float.
+SIXTEEN_BIT_MODES = ('I;16', 'I;16B', 'I;16L', 'I;16N')
 
-  Grey and palette images become RGB, alpha is dropped, 16-bit images are
-  scaled to 8 bits; the shorter side is scaled to ``image_size`` and the
-  centre cropped. Raises ``DatasetError`` naming the file when it cannot be
-  read.
+
+def _to_eight_bits(image, path: Path):
+  """A wide grey image as 8-bit 'L', scaled by its bit depth (x/257: 65535 -> 255).
+
+  Never by the image's own maximum: a dim 16-bit image must stay dim. 'I'
+  (32-bit int; older Pillows open 16-bit PNGs so) is read as 16-bit data when
+  every value fits in 0..65535, and refused otherwise; 'F' (32-bit float) has
+  no range a file states, so it is refused: an 8- or 16-bit file says what
+  white is.
+  """
+  from PIL import Image
+
+  if image.mode == 'F':
+    raise DatasetError(f'{path}: 32-bit float pixels have no fixed range for white; save the '
+                       'image as an 8- or 16-bit PNG')
+  wide = np.asarray(image, np.int64)
+  if image.mode == 'I' and wide.size and (wide.min() < 0 or wide.max() > 65535):
+    raise DatasetError(f'{path}: 32-bit pixel values up to {wide.max()} (from {wide.min()}), '
+                       'beyond 16 bits; save the image as an 8- or 16-bit PNG')
+  return Image.fromarray(np.rint(wide / 257).astype(np.uint8), 'L')
+
+
+def read_image(path: str | os.PathLike, mode: str, background: str | None = None):
+  """One image file as a Pillow image in ``mode`` ('RGB' or 'L'), 8 bits per channel.
+
+  The one place a file is opened, for training's folders and for predict:
+  turned upright as shown (EXIF orientation), 16-bit (and 32-bit int) grey
+  scaled by its bit depth, palette and alpha resolved (``background``: the
+  colour transparent pixels are put on; None drops alpha). Raises
+  ``DatasetError`` naming the file when it is missing or cannot be decoded.
   """
   from PIL import Image, ImageOps, UnidentifiedImageError
 
   path = Path(path)
+  if not path.exists():
+    raise DatasetError(f'{path}: no such file')
+  if path.is_dir():
+    raise DatasetError(f'{path}: is a folder, not an image file')
   try:
     with Image.open(path) as image:
       image = ImageOps.exif_transpose(image)  # phone photos: upright as shown
-      if image.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):  # 16-bit or float grey
-        wide = np.asarray(image, np.float64)
-        wide = wide / 257 if wide.max() > 255 else wide
-        image = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), 'L')
-      rgb = image.convert('RGBA').convert('RGB') if image.mode == 'P' else image.convert('RGB')
-      return np.asarray(fit_square(rgb, image_size), np.uint8)
+      if image.mode in SIXTEEN_BIT_MODES + ('I', 'F'):
+        image = _to_eight_bits(image, path)
+      if background is not None and (image.mode in ('RGBA', 'LA', 'PA')
+                                     or 'transparency' in image.info):
+        rgba = image.convert('RGBA')
+        image = Image.alpha_composite(Image.new('RGBA', rgba.size, background), rgba)
+      elif image.mode == 'P':  # a palette's colours, not its indices' brightness
+        image = image.convert('RGBA')
+      return image.convert(mode)
   except UnidentifiedImageError:
-    raise DatasetError(f'{path}: not an image Pillow can read; remove it or replace it with a '
-                       'PNG or JPEG file') from None
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    raise DatasetError(f'{path}: cannot be read as an image ({e}); remove or replace it') from None
+    raise DatasetError(f'{path}: not an image Pillow can read; use a PNG or JPEG file instead') \
+        from None
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # damaged, huge
+    raise DatasetError(f'{path}: cannot be read as an image ({e}); replace it') from None
+
+
+def load_rgb(path: str | os.PathLike, image_size: int) -> np.ndarray:
+  """One file as training sees it: uint8 ``[image_size, image_size, 3]``.
+
+  ``read_image`` in RGB (alpha dropped), the shorter side scaled to
+  ``image_size`` and the centre cropped.
+  """
+  return np.asarray(fit_square(read_image(path, 'RGB'), image_size), np.uint8)
 
 
 def cache_key(listing: Listing, image_size: int) -> str:

@@ -151,3 +151,32 @@ def test_unreadable_image_is_named(tmp_path):
   with pytest.raises(DatasetError, match=r'broken.jpg: not an image Pillow can read'):
     image_folder.load(image_folder.scan(root), 8, cache_dir=tmp_path / 'cache')
   assert not (tmp_path / 'cache').exists()  # nothing cached from a failed load
+
+
+def test_sixteen_bit_images_are_scaled_by_their_bit_depth(tmp_path):
+  """A 16-bit pixel of 200 is dark (200/65535), whatever the image's own maximum."""
+  from PIL import Image
+  dim = tmp_path / 'dim.png'  # every value <= 255: once read as if it were 8-bit
+  Image.fromarray(np.array([[0, 200], [255, 128]], np.uint16)).save(dim)
+  assert Image.open(dim).mode == 'I;16'
+  assert image_folder.load_rgb(dim, 2).max() == 1  # 255 / 257 -> 1
+  bright = tmp_path / 'bright.png'
+  Image.fromarray(np.array([[512, 65535], [257 * 100, 0]], np.uint16)).save(bright)
+  np.testing.assert_array_equal(image_folder.read_image(bright, 'L'), [[2, 255], [100, 0]])
+
+
+def test_thirty_two_bit_images(tmp_path):
+  """'I' (32-bit int) reads as 16-bit data when it fits; beyond 65535, and 'F', are refused."""
+  from PIL import Image
+  fits = tmp_path / 'fits.tif'
+  Image.fromarray(np.array([[0, 200], [25700, 65535]], np.int32)).save(fits)
+  assert Image.open(fits).mode == 'I'
+  np.testing.assert_array_equal(image_folder.read_image(fits, 'L'), [[0, 1], [100, 255]])
+  wide = tmp_path / 'wide.tif'
+  Image.fromarray(np.array([[0, 70000]], np.int32)).save(wide)
+  with pytest.raises(DatasetError, match=r'wide.tif: 32-bit pixel values up to 70000'):
+    image_folder.read_image(wide, 'RGB')
+  floats = tmp_path / 'floats.tif'
+  Image.fromarray(np.array([[0.0, 0.5]], np.float32)).save(floats)
+  with pytest.raises(DatasetError, match=r'floats.tif: 32-bit float pixels'):
+    image_folder.read_image(floats, 'RGB')
