@@ -9,11 +9,13 @@ Each file is converted the way the dataset's images look:
 
 - transparent pixels are put on white (a drawing app's black strokes on a
   transparent canvas become dark-on-light, handled by the next step);
-- grayscale (Pillow's 'L', 0..255; 16-bit files are scaled down, not clipped);
+- grayscale (Pillow's 'L', 0..255; 16-bit files are scaled by their bit depth,
+  65535 -> 255; the file is read by ``image_folder.read_image``, as training's are);
 - MNIST and Fashion-MNIST are light-on-dark, so a dark digit on white paper is
   inverted. ``--invert auto`` (default) inverts when the mean of the image's
   border is brighter than mid-grey (127), i.e. the background is light;
-  ``--invert yes/no`` overrides that;
+  ``--invert yes/no`` overrides that (colour runs read images as they are:
+  there ``--invert yes/no`` is refused);
 - fitted into 28x28 keeping its aspect ratio (no stretching), the rest padded
   with the background's brightness (the median of the border after
   inversion), so a photo should be cropped roughly around the digit or item.
@@ -52,47 +54,26 @@ def _border(pixels: np.ndarray) -> np.ndarray:
                          pixels[:, :width].ravel(), pixels[:, -width:].ravel()])
 
 
-def _checked_file(path: str | os.PathLike, invert: str) -> Path:
-  """``path`` as a Path, once the ``--invert`` value and the file itself are known good."""
+def _check_invert(invert: str) -> None:
   if invert not in INVERT_CHOICES:
     raise InputError(f'--invert {invert!r} is not allowed; choose one of '
                      f'{", ".join(INVERT_CHOICES)}')
-  path = Path(path)
-  if not path.exists():
-    raise DatasetError(f'{path}: no such file')
-  if path.is_dir():
-    raise DatasetError(f'{path}: is a folder, not an image file')
-  return path
 
 
 def load_image(path: str | os.PathLike, size: tuple[int, int] = (28, 28),
                invert: str = 'auto') -> tuple[np.ndarray, bool]:
   """One image file as the dataset stores images: uint8 ``size`` + (1,), light on dark.
 
-  Returns ``(pixels, inverted)``. Raises ``DatasetError`` naming the file when
-  it is missing, unreadable or not an image Pillow can decode.
+  Returns ``(pixels, inverted)``. The file is read by ``image_folder.read_image``
+  (grey, transparent pixels on white), which raises ``DatasetError`` naming it
+  when it is missing, unreadable or not an image Pillow can decode.
   """
-  from PIL import Image, ImageOps, UnidentifiedImageError
+  from PIL import Image, ImageOps
 
-  path = _checked_file(path, invert)
-  try:
-    with Image.open(path) as image:
-      image = ImageOps.exif_transpose(image)  # phone photos: upright as shown
-      if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
-        rgba = image.convert('RGBA')
-        image = Image.alpha_composite(Image.new('RGBA', rgba.size, 'white'), rgba)
-      if image.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):  # 16-bit or float grayscale
-        wide = np.asarray(image, np.float64)
-        wide = wide / 257 if wide.max() > 255 else wide  # 0..65535 -> 0..255
-        gray = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), 'L')
-      else:
-        gray = image.convert('L')
-  except UnidentifiedImageError:
-    raise DatasetError(f'{path}: not an image Pillow can read; give PNG or JPEG files') from None
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # damaged, huge
-    raise DatasetError(f'{path}: cannot be read as an image ({e})') from None
+  from gnet_jax import image_folder
 
-  pixels = np.asarray(gray, np.uint8)
+  _check_invert(invert)
+  pixels = np.asarray(image_folder.read_image(path, 'L', background='white'), np.uint8)
   do_invert = {'yes': True, 'no': False}.get(invert)
   if do_invert is None:
     do_invert = bool(_border(pixels).mean() > 127)
@@ -109,11 +90,17 @@ def load_for(spec, path: str | os.PathLike, invert: str = 'auto') -> tuple[np.nd
 
   Colour data sets (image folders, tensorflow-datasets sets such as cifar10) read
   it as training did (``image_folder.load_rgb``: RGB, shorter side, centre
-  crop); the grey MNIST family as ``load_image`` describes.
+  crop), never inverted: ``--invert yes`` or ``no`` there is refused rather
+  than ignored. The grey MNIST family as ``load_image`` describes.
   """
   if spec.image_shape[-1] == 3:
     from gnet_jax import image_folder
-    return image_folder.load_rgb(_checked_file(path, invert), spec.image_shape[0]), False
+    _check_invert(invert)
+    if invert != 'auto':
+      raise InputError(f'--invert {invert} applies to grey runs (the MNIST family, light on '
+                       f'dark); this run ({spec.name}) reads colour images as they are, never '
+                       'inverted: leave --invert out')
+    return image_folder.load_rgb(path, spec.image_shape[0]), False
   return load_image(path, spec.image_shape[:2], invert)
 
 
@@ -219,8 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   from gnet_jax import cli
   cli.add_checkpoint_flags(parser, 'use')
   parser.add_argument('--invert', choices=INVERT_CHOICES, default='auto',
-                      help='make dark-on-light images light-on-dark like the dataset: auto '
-                           '(default) inverts when the border is light, yes/no force it')
+                      help='grey (MNIST-family) runs: make dark-on-light images light-on-dark '
+                           'like the dataset: auto (default) inverts when the border is light, '
+                           'yes/no force it; colour runs never invert (yes/no are refused)')
   parser.add_argument('--json', action='store_true', help='print one JSON document')
   parser.add_argument('images', nargs='+', metavar='IMAGE', help='PNG or JPEG files')
   args = parser.parse_args(argv)

@@ -122,6 +122,40 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path, pngs):
   np.testing.assert_array_equal(pixels[..., 0], pngs[0])
 
 
+def test_16_bit_values_below_256_stay_dark(tmp_path):
+  path = tmp_path / 'dim.png'
+  Image.fromarray(np.full((28, 28), 255, np.uint16)).save(path)  # 255 of 65535: near black
+  pixels, inverted = predict.load_image(path, invert='no')
+  assert not inverted and pixels.max() == 1
+
+
+def test_invert_is_refused_for_colour_runs_not_ignored(tmp_path):
+  from gnet_jax.errors import InputError
+  from gnet_jax.input_pipeline import DatasetSpec
+  spec = DatasetSpec('image_folder', (8, 8, 3), ('a', 'b'))
+  path = tmp_path / 'red.png'
+  Image.fromarray(np.full((8, 8, 3), (200, 0, 0), np.uint8)).save(path)
+  pixels, inverted = predict.load_for(spec, path)
+  assert pixels.shape == (8, 8, 3) and pixels[0, 0, 0] == 200 and not inverted
+  for invert in ('yes', 'no'):
+    with pytest.raises(InputError, match=f'--invert {invert} applies to grey runs'):
+      predict.load_for(spec, path, invert)
+
+
+def test_one_reader_opens_every_file(tmp_path, monkeypatch, pngs):
+  """predict and the image folders both open files through image_folder.read_image."""
+  from gnet_jax import image_folder
+  from gnet_jax.input_pipeline import DatasetSpec
+  opened = []
+  read = image_folder.read_image
+  monkeypatch.setattr(image_folder, 'read_image',
+                      lambda path, *a, **k: opened.append(path) or read(path, *a, **k))
+  predict.load_image(pngs[1])
+  predict.load_for(DatasetSpec('image_folder', (8, 8, 3), ('a', 'b')), pngs[1])
+  image_folder.load_rgb(pngs[2], 8)
+  assert opened == [pngs[1], pngs[1], pngs[2]]
+
+
 def test_cli_prints_top3(workdir, pngs, capsys):
   _, light, dark = pngs
   assert predict.main(['--workdir', str(workdir), str(light), str(dark)]) == 0
