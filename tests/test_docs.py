@@ -326,12 +326,19 @@ def override_value(value: str, current):
   return value
 
 
+# pytest options whose value is the next token (``-n 0``), not a test path.
+PYTEST_VALUE_OPTIONS = {'-n', '-k', '-m', '-p', '-c', '-W', '--dist', '--maxfail', '--durations'}
+
+
 def check_command(command: Command) -> list[str]:
   """What is wrong with one printed command (empty when it would parse)."""
   argv = command.argv
   if argv[:2] == ['-m', 'pytest']:
-    return [f'{arg.split("::")[0]} does not exist' for arg in argv[2:]
-            if not arg.startswith('-') and not (REPO / arg.split('::')[0]).exists()]
+    args = argv[2:]
+    paths = [arg for i, arg in enumerate(args) if not arg.startswith('-')
+             and not (i and args[i - 1] in PYTEST_VALUE_OPTIONS)]
+    return [f'{path.split("::")[0]} does not exist' for path in paths
+            if not (REPO / path.split('::')[0]).exists()]
   if argv[:1] == ['-m']:
     module = argv[1] if len(argv) > 1 else ''
     if not module.startswith('gnet_jax.'):
@@ -405,6 +412,8 @@ def test_every_printed_python_command_parses():
     ('python benchmarks/throughput.py --size_list 28', ['--size_list is not a flag']),
     ('python benchmarks/fidelity.py --epochs 1 --config.image_size=28', []),
     ('python -m pytest tests/test_nothere.py', ['tests/test_nothere.py does not exist']),
+    ('python -m pytest -q -n 0 -k resume tests/test_nothere.py', ['test_nothere.py does not exist']),
+    ('python -m pytest -q -n 0 -k resume tests/test_docs.py', []),
 ])
 def test_check_command_catches_what_a_reader_would_hit(line, expected):
   [command] = python_commands(line, 'example')
