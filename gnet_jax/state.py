@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from gnet_jax import checkpoint, config as config_lib, input_pipeline, models
+from gnet_jax.errors import CheckpointError
 
 # Validated names (``config.RULES``) -> what they stand for.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -206,11 +207,26 @@ def read_run(workdir: str | Path, step: int | None = None
   """The config and data set spec of ``workdir``'s newest checkpoint (or ``step``'s).
 
   Reads two small JSON items, no arrays: commands check their input against it
-  before building anything.
+  before building anything. Without a readable spec (older checkpoints, or a
+  damaged item) only the MNIST family's fixed spec applies; any other data set
+  is a ``CheckpointError`` saying what to do.
   """
   config = checkpoint.read_newest_config(workdir, step)
   config_lib.validate(config)
   saved_spec = checkpoint.read_dataset_spec(workdir, step)
-  spec = (input_pipeline.DatasetSpec.from_json(saved_spec) if saved_spec
-          else input_pipeline.dataset_spec(config.dataset))
-  return config, spec
+  if saved_spec is not None:
+    try:
+      return config, input_pipeline.DatasetSpec.from_json(saved_spec)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):  # readable, damaged
+      pass
+  # Checkpoints from before specs were saved: the MNIST family's fixed spec is theirs, unless
+  # the run normalised (its statistics were only ever in the spec).
+  if config.dataset in input_pipeline.SPECS and not config.normalize:
+    return config, input_pipeline.dataset_spec(config.dataset)
+  raise CheckpointError(
+      f'the checkpoint{f" at step {step}" if step is not None else ""} in {workdir}: its data '
+      f'set description (its classes and image shape{", normalisation" * config.normalize}) '
+      f'is missing or damaged, and a {config.dataset} run cannot do without it; choose another '
+      'checkpoint of the run with --step, or resume training in this workdir (train.py with '
+      'the same --config and --workdir, a higher --config.num_epochs if it finished), which '
+      'writes it with its next checkpoint')

@@ -4,9 +4,11 @@ import chex
 import jax
 import numpy as np
 import optax
+import pytest
 
 from configs import default, quickstart
 from gnet_jax import checkpoint, config as config_lib, input_pipeline, models, state
+from gnet_jax.errors import CheckpointError
 
 SPEC = input_pipeline.dataset_spec('fashion_mnist')
 
@@ -108,3 +110,34 @@ def test_load_checkpoint_reads_an_older_config_with_defaults(tmp_path):
   restored, saved, step, spec = state.load_checkpoint(tmp_path)
   assert step == 0 and saved.to_dict() == config.to_dict()
   chex.assert_trees_all_equal(restored.params, host.params)
+
+
+def _save_without_spec(workdir, config, damage=None):
+  """A checkpoint whose data set item is missing (``damage=None``) or unreadable."""
+  manager = checkpoint.open_manager(workdir)
+  spec = None if damage is None else {'name': config['dataset'], 'image_shape': [8, 8, 3],
+                                      'class_names': ['a', 'b'], 'normalization': None}
+  checkpoint.save(manager, 0, {'w': np.zeros(2, np.float32)}, config, spec)
+  manager.wait_until_finished()
+  manager.close()
+  if damage is not None:
+    for f in (workdir / 'checkpoints' / '0' / 'dataset').rglob('*'):
+      if f.is_file():
+        f.write_text(damage)
+
+
+@pytest.mark.parametrize('damage', [None, '{"name": "image_folder"', '{"name": "x"}'])
+def test_read_run_without_a_readable_spec(tmp_path, damage):
+  """The MNIST family falls back on its fixed spec; any other data set is a clear error."""
+  mnist = quickstart.get_config().to_dict()
+  _save_without_spec(tmp_path / 'mnist', mnist, damage)
+  assert state.read_run(tmp_path / 'mnist')[1] == SPEC
+  folder = {**mnist, 'dataset': 'image_folder', 'data_dir': str(tmp_path)}
+  _save_without_spec(tmp_path / 'folder', folder, damage)
+  with pytest.raises(CheckpointError, match=r"data set description \(its classes and image "
+                                            r"shape\) is missing or damaged.*--step"):
+    state.read_run(tmp_path / 'folder')
+  normalized = {**mnist, 'normalize': True}  # the fixed spec lacks the run's statistics
+  _save_without_spec(tmp_path / 'normalized', normalized, damage)
+  with pytest.raises(CheckpointError, match='missing or damaged'):
+    state.read_run(tmp_path / 'normalized')
