@@ -1,7 +1,8 @@
 """Evaluate a checkpoint: ``python -m gnet_jax.evaluate --workdir DIR [--step N]``.
 
 Restores the newest readable checkpoint in ``DIR/checkpoints`` (or step ``N``),
-rebuilds the model from the config saved with it, and prints accuracy and loss
+rebuilds the model from the config saved with it (test data whose classes or image
+shape differ from the checkpoint's are refused), and prints accuracy and loss
 over the whole test split plus a confusion matrix, also saved as
 ``DIR/confusion.png``, and draws the first test images with their true and
 predicted classes as ``DIR/predictions.png`` (misclassified ones in red). It
@@ -37,12 +38,19 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None,
 
   from gnet_jax import input_pipeline, parallel, predict, state as state_lib, train
 
-  state, config, step, spec = state_lib.load_checkpoint(workdir, step)
+  config, spec = state_lib.read_run(workdir, step)
   # The full test split, whatever eval_examples the run used; no training data needed.
   data = input_pipeline.load_dataset(config.dataset, config.data_source, config.data_dir,
                                      train_examples=0, eval_examples=-1,
                                      splits=(config.train_split, config.test_split),
                                      image_size=config.image_size)
+  # Other classes (a changed image folder) would be mislabelled without a word: refused, as
+  # a resume refuses them, before anything is restored or compiled.
+  input_pipeline.check_same_data(
+      spec, data.spec, f'the checkpoint in {Path(workdir).absolute() / "checkpoints"}',
+      'evaluate it on the data it was trained on (the same class folders and --config.image_size),'
+      ' or train a run on this data')
+  state, config, step, spec = state_lib.load_checkpoint(workdir, step)
   runner = parallel.make_runner(ml_collections.ConfigDict(
       {'batch_size': config.batch_size, 'parallelism': 'none', 'num_devices': 0}))
   model = state_lib.create_model(config, spec)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gnet_jax.errors import DatasetError
+from gnet_jax.errors import CheckpointError, DatasetError
 
 NUM_CLASSES = 10
 
@@ -77,6 +77,22 @@ SPECS = {
 def dataset_spec(name: str) -> DatasetSpec:
   """The spec of ``config.dataset`` (its allowed names: ``config.RULES``)."""
   return SPECS[name]
+
+
+def check_same_data(saved: DatasetSpec, now: DatasetSpec, what: str, fix: str) -> None:
+  """Refuses data ``now`` whose classes or image shape differ from ``saved`` (a checkpoint's).
+
+  A model trained on other classes would name every prediction wrongly, and
+  silently. Normalisation is not compared: its statistics, recomputed from the
+  same images by another Pillow or libjpeg, may differ in the last bits; the
+  checkpoint's own values are the ones to use. ``what`` names the checkpoint,
+  ``fix`` what the user can do.
+  """
+  diff = [f'{field}: {getattr(saved, field)!r} in checkpoint, {getattr(now, field)!r} now'
+          for field in ('name', 'image_shape', 'class_names')
+          if getattr(saved, field) != getattr(now, field)]
+  if diff:
+    raise CheckpointError(f'{what} was trained on other data ({"; ".join(diff)}); {fix}')
 
 
 @dataclasses.dataclass(frozen=True)

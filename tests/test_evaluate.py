@@ -85,3 +85,34 @@ def test_command_saves_predictions_beside_confusion(workdir, capsys):
   confusion = read_png(workdir / 'confusion.png')
   assert confusion.shape == (600, 700, 3)  # 7 x 6 in at 100 dpi
   assert pixels_of_color(confusion, '#08306b', tolerance=30) > 100  # the largest count's cell
+
+
+@pytest.mark.parametrize('saved_classes, saved_shape, named', [
+    (('circle', 'cross', 'star'), (16, 16, 3), "class_names: ('circle', 'cross', 'star') in "
+                                               "checkpoint, ('circle', 'cross', 'square') now"),
+    (('circle', 'cross', 'square'), (16, 16, 1), 'image_shape: (16, 16, 1) in checkpoint, '
+                                                 '(16, 16, 3) now'),
+])
+def test_other_data_is_refused_not_mislabelled(tmp_path, saved_classes, saved_shape, named):
+  """An image folder whose classes (or image shape) differ from the run's: refused, as resume does.
+
+  The check comes before the state is restored or anything compiled, so a tiny
+  stand-in state is enough.
+  """
+  from configs import image_folder as image_folder_config
+  from gnet_jax import checkpoint
+  from gnet_jax.errors import CheckpointError
+  from image_folders import make_folder
+
+  folder = make_folder(tmp_path / 'folder', {'train': 1, 'test': 1})
+  config = image_folder_config.get_config()
+  config.data_dir, config.image_size = str(folder), 16
+  manager = checkpoint.open_manager(tmp_path / 'run')
+  checkpoint.save(manager, 0, {'w': np.zeros(2, np.float32)}, config,
+                  {'name': 'image_folder', 'image_shape': list(saved_shape),
+                   'class_names': list(saved_classes), 'normalization': None})
+  manager.wait_until_finished()
+  manager.close()
+  with pytest.raises(CheckpointError, match='was trained on other data') as e:
+    evaluate.evaluate_checkpoint(tmp_path / 'run')
+  assert named in str(e.value)
