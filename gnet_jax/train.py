@@ -24,7 +24,7 @@ import optax
 from gnet_jax import (augment, checkpoint, config as config_lib, input_pipeline,
                       metrics as metrics_lib, parallel, preemption, state as state_lib,
                       workdir as workdir_lib, xla_flags)
-from gnet_jax.errors import CheckpointError, ConfigError, NonFiniteLossError
+from gnet_jax.errors import ConfigError, NonFiniteLossError
 from gnet_jax.state import TrainState
 
 # A data set spec's per-channel (mean, std), or None for images in [0, 1].
@@ -183,17 +183,24 @@ def _load_data(config: ml_collections.ConfigDict) -> tuple[input_pipeline.Datase
   return data, steps
 
 
-def _check_same_data(workdir: Path, step: int, spec: input_pipeline.DatasetSpec) -> None:
-  """A resumed run must see the data it was trained on (classes, image shape, normalisation)."""
+def _check_same_data(workdir: Path, step: int, spec: input_pipeline.DatasetSpec
+                     ) -> input_pipeline.DatasetSpec:
+  """The spec a resumed run goes on with: the data's, checked against the checkpoint's.
+
+  Classes and image shape must match exactly (``input_pipeline.check_same_data``).
+  The normalisation is the checkpoint's own: statistics recomputed from the same
+  images by another Pillow or libjpeg may differ in the last bits, and the run
+  trained with the saved ones. A checkpoint without a readable spec (older, or
+  damaged) keeps the data's.
+  """
   saved = checkpoint.read_dataset_spec(workdir, step)
-  if saved is None or input_pipeline.DatasetSpec.from_json(saved) == spec:
-    return
-  old = input_pipeline.DatasetSpec.from_json(saved)
-  diff = [f'{field}: {getattr(old, field)!r} in checkpoint, {getattr(spec, field)!r} now'
-          for field in ('name', 'image_shape', 'class_names', 'normalization')
-          if getattr(old, field) != getattr(spec, field)]
-  raise CheckpointError(f'the checkpoint at step {step} in {workdir} was trained on other data '
-                        f'({"; ".join(diff)}); resume with the same data, or use a new --workdir')
+  try:
+    old = input_pipeline.DatasetSpec.from_json(saved)
+  except (AttributeError, KeyError, TypeError, ValueError, IndexError):  # None, or damaged
+    return spec
+  input_pipeline.check_same_data(old, spec, f'the checkpoint at step {step} in {workdir}',
+                                 'resume with the same data, or use a new --workdir')
+  return dataclasses.replace(spec, normalization=old.normalization)
 
 
 def _restore_or_init(workdir: Path, init: TrainState, config: ml_collections.ConfigDict
@@ -276,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   with workdir_lib.hold(workdir):
     host_state, start_step, damaged, restored = _restore_or_init(workdir, init, config)
     if restored:
-      _check_same_data(workdir, start_step, spec)
+      spec = _check_same_data(workdir, start_step, spec)
     log = metrics_lib.RunLog(workdir, config, steps_per_epoch, start_step, runner.device_label,
                              state_lib.learning_rate_schedule(config, steps_per_epoch))
     if start_step >= config.num_epochs * steps_per_epoch:

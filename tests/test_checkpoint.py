@@ -325,3 +325,21 @@ def test_damaged_checkpoint_is_moved_aside_when_its_step_is_saved_again(referenc
   assert file_list(moved) == damaged_files
   target = target_for(make_config(idx_dir))
   assert final_state(reference_copy, target)[1] == 12
+
+
+def test_resume_keeps_the_saved_normalisation(idx_dir, tmp_path, monkeypatch, capsys):
+  """Statistics recomputed after a Pillow/libjpeg update differ in the last bits: not a refusal.
+
+  The resumed run goes on with the checkpoint's own values; only classes and
+  image shape must match exactly.
+  """
+  workdir = tmp_path / 'run'
+  assert run_loop(workdir, idx_dir, normalize=True, num_epochs=1) == 0
+  saved = checkpoint.read_dataset_spec(workdir)['normalization']
+  recompute = train.input_pipeline.channel_stats
+  monkeypatch.setattr(train.input_pipeline, 'channel_stats', lambda images: tuple(
+      tuple(v * (1 + 1e-7) for v in values) for values in recompute(images)))
+  assert run_loop(workdir, idx_dir, normalize=True, num_epochs=2) == 0, capsys.readouterr().err
+  newest = checkpoint.read_dataset_spec(workdir)
+  assert newest['normalization'] == saved and checkpoint.checkpoint_dir(workdir).joinpath(
+      '12').is_dir()
