@@ -152,13 +152,19 @@ def warn(message: str) -> None:
 
 
 def read_config(manager: ocp.CheckpointManager, step: int) -> dict:
-  """The config saved at ``step``; keys it lacks (an older checkpoint) get their defaults here.
+  """The config saved at ``step``, as saved; keys added since it was written get the value
+  that reproduces how it ran (``config.with_defaults``), never today's default.
 
   Every saved config is read through this function, so nothing else needs a
-  fallback for a missing key.
+  fallback for a missing key. One that lacks a key every checkpoint saves is
+  damaged: ``CheckpointError`` (``restore`` then tries the next older step).
   """
   saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-  return config_lib.with_defaults(saved)
+  filled = config_lib.with_defaults(saved)
+  missing = sorted(set(config_lib.RULES) - set(filled))
+  if missing:
+    raise CheckpointError(f'its config lacks {", ".join(missing)}, which every checkpoint saves')
+  return filled
 
 
 def restore(manager: ocp.CheckpointManager, target: Any,

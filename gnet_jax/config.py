@@ -127,13 +127,40 @@ def default_config() -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def with_defaults(saved: dict) -> dict:
-  """``saved`` (a checkpoint's config) with the keys it lacks taken from ``configs/default.py``.
+# Keys added to configs/default.py after checkpoints were first written, each with the value
+# that reproduces what a run did before the key existed. A checkpoint that lacks one is read
+# with this value, never with today's default, which may change. A new key gets a line here
+# (tests/test_config.py checks that every key is either here or in the first checkpoints).
+BEFORE_KEY_EXISTED: dict[str, Any] = {
+    'num_devices': 0,  # every device
+    'optimizer': 'sgd',  # the only optimizer (with the momentum and nesterov keys)
+    'kernels': 'auto',  # speed only: every kernel set gives the same numbers (tests/test_ops.py)
+    'bias_init': 'zeros',  # Flax's default, the only init
+    'log_every_steps': 0,  # epoch ends only: no steps.jsonl
+    'profile_steps': 0,  # no profiler trace
+    'compilation_cache': 'off',  # no persistent compilation cache
+    'train_split': 'train',
+    'test_split': 'test',
+    'normalize': False,  # images in [0, 1], as the book
+    'augment_crop': 'none',
+    'augment_padding': 4,  # unused without augment_crop='pad'
+    'augment_flip': False,
+    'lr_schedule': 'constant',
+    'warmup_epochs': 0.0,  # unused with a constant rate
+    'lr_decay_epochs': 30,  # unused with a constant rate
+    'lr_decay_factor': 0.1,  # unused with a constant rate
+    'weight_decay': 0.0,
+}
 
-  A checkpoint written before a key existed behaved as that key's default, so
-  its config reads as if it had been saved with it.
+
+def with_defaults(saved: dict) -> dict:
+  """``saved`` (a checkpoint's config) as saved, with the keys it lacks from ``BEFORE_KEY_EXISTED``.
+
+  A checkpoint written before a key existed ran as that key's value in the
+  table, so its config reads as if it had been saved with it. A key every
+  checkpoint has saved stays missing when absent (``validate`` names it).
   """
-  return {**default_config().to_dict(), **saved}
+  return {**{k: v for k, v in BEFORE_KEY_EXISTED.items() if k not in saved}, **saved}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -110,12 +110,44 @@ def test_choices_and_defaults_come_from_the_one_table_and_file():
   assert config_lib.choices('kernels') == ('auto', 'xla', 'custom')
   assert config_lib.choices('data_source') == ('auto', 'idx', 'tfds')
   assert config_lib.default_config() == default.get_config()
-  # An older checkpoint's config: the keys it lacks read as their defaults, the rest as saved.
+  # An older checkpoint's config: the keys it lacks read as before they existed, the rest as saved.
   old = {k: v for k, v in quickstart.get_config().to_dict().items()
          if k not in ('bias_init', 'compilation_cache')}
   filled = config_lib.with_defaults(old)
-  assert filled == quickstart.get_config().to_dict()
+  assert filled == {**quickstart.get_config().to_dict(), 'compilation_cache': 'off'}
   config_lib.validate(ml_collections.ConfigDict(filled))
+
+
+# The keys of configs/default.py when checkpoints were first written (commit 6e34f5c).
+FIRST_CHECKPOINT_KEYS = (
+    'dataset', 'data_source', 'data_dir', 'image_size', 'train_examples', 'eval_examples',
+    'aux_weight', 'dtype', 'learning_rate', 'momentum', 'nesterov', 'batch_size',
+    'eval_batch_size', 'num_epochs', 'seed', 'parallelism', 'distributed', 'coordinator_address',
+    'num_processes', 'process_id', 'checkpoint_every_steps', 'max_checkpoints', 'progress')
+
+
+def test_an_old_checkpoint_reads_as_it_ran_not_with_todays_defaults(monkeypatch):
+  """Keys a checkpoint saved stay as saved; keys it lacks get the value from before they existed.
+
+  Today's defaults may change (here: normalisation, a schedule and PyTorch's
+  bias init turned on, Adam); an old run must not change with them.
+  """
+  changed = default.get_config()
+  changed.update(dict(normalize=True, lr_schedule='warmup_cosine', bias_init='torch',
+                      optimizer='adam', learning_rate=0.5, augment_flip=True))
+  monkeypatch.setattr(config_lib, 'default_config', lambda: changed)
+  first = {k: v for k, v in default.get_config().to_dict().items() if k in FIRST_CHECKPOINT_KEYS}
+  filled = config_lib.with_defaults(first)
+  assert set(filled) == set(config_lib.RULES)  # every key added since is in the table
+  config_lib.validate(ml_collections.ConfigDict(filled))
+  assert {k: filled[k] for k in ('normalize', 'lr_schedule', 'bias_init', 'optimizer',
+                                 'augment_flip', 'augment_crop', 'weight_decay')} == {
+      'normalize': False, 'lr_schedule': 'constant', 'bias_init': 'zeros', 'optimizer': 'sgd',
+      'augment_flip': False, 'augment_crop': 'none', 'weight_decay': 0.0}
+  assert filled['learning_rate'] == 0.1  # saved: read as saved
+  # A key every checkpoint saves is not made up when missing: the config is damaged.
+  assert 'learning_rate' not in config_lib.with_defaults(
+      {k: v for k, v in first.items() if k != 'learning_rate'})
 
 
 def test_workdir_checks(tmp_path, monkeypatch):

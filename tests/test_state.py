@@ -98,7 +98,7 @@ def test_lookup_tables_cover_exactly_the_allowed_names():
 
 
 def test_load_checkpoint_reads_an_older_config_with_defaults(tmp_path):
-  """A checkpoint saved before some keys existed loads with those keys at their defaults."""
+  """A checkpoint saved before some keys existed loads with those keys as they were then."""
   config = quickstart.get_config()
   host = state.build(config)[2]
   older = {k: v for k, v in config.to_dict().items()
@@ -108,7 +108,8 @@ def test_load_checkpoint_reads_an_older_config_with_defaults(tmp_path):
   manager.wait_until_finished()
   manager.close()
   restored, saved, step, spec = state.load_checkpoint(tmp_path)
-  assert step == 0 and saved.to_dict() == config.to_dict()
+  # The missing keys read as the run ran before they existed (config.BEFORE_KEY_EXISTED).
+  assert step == 0 and saved.to_dict() == {**config.to_dict(), 'compilation_cache': 'off'}
   chex.assert_trees_all_equal(restored.params, host.params)
 
 
@@ -141,3 +142,10 @@ def test_read_run_without_a_readable_spec(tmp_path, damage):
   _save_without_spec(tmp_path / 'normalized', normalized, damage)
   with pytest.raises(CheckpointError, match='missing or damaged'):
     state.read_run(tmp_path / 'normalized')
+
+
+def test_a_config_lacking_a_key_every_checkpoint_saves_is_damaged(tmp_path):
+  older = {k: v for k, v in quickstart.get_config().to_dict().items() if k != 'learning_rate'}
+  _save_without_spec(tmp_path, older)
+  with pytest.raises(CheckpointError, match='no readable checkpoint'):
+    state.read_run(tmp_path)
