@@ -562,10 +562,11 @@ def resumable_changes() -> set[str]:
   raise AssertionError('checkpoint.py defines no RESUMABLE_CHANGES')
 
 
-def test_readme_lists_every_key_that_may_change_on_resume():
-  paragraph = paragraph_with(README.read_text(), '`checkpoint.RESUMABLE_CHANGES`')
+def test_runs_doc_lists_every_key_that_may_change_on_resume():
+  paragraph = paragraph_with((REPO / 'docs' / 'runs.md').read_text(),
+                             '`checkpoint.RESUMABLE_CHANGES`')
   bullet = paragraph[paragraph.index('**Config changes**'):].split('\n- ')[0]
   keys = set(default_config().keys())
   listed, resumable = {s for s in code_spans(bullet) if s in keys}, resumable_changes()
-  assert listed == resumable, (f'README lists {sorted(listed - resumable)} that may not change, '
-                               f'omits {sorted(resumable - listed)} that may')
+  assert listed == resumable, (f'docs/runs.md lists {sorted(listed - resumable)} that may not '
+                               f'change, omits {sorted(resumable - listed)} that may')
