@@ -536,6 +536,39 @@ def test_module_attributes_named_in_the_docs_exist():
   assert not missing, '\n'.join(missing)
 
 
+def heading_anchors(text: str) -> set[str]:
+  """The anchors GitHub gives a markdown file's headings (code blocks left out)."""
+  anchors = set()
+  for line in without_fences(text).splitlines():
+    match = re.match(r'#{1,6} (.+)', line)
+    if match:
+      words = re.sub(r'[^\w\- ]', '', match.group(1).strip().lower())
+      anchors.add(words.replace(' ', '-'))
+  return anchors
+
+
+def test_heading_anchors_are_githubs():
+  text = '# A: b, c\n## 2. Curves: 3 epochs at 28x28\n```\n# not a heading\n```\n### The book\'s `x.py`\n'
+  assert heading_anchors(text) == {'a-b-c', '2-curves-3-epochs-at-28x28', 'the-books-xpy'}
+
+
+def test_links_between_the_docs_reach_their_file_and_heading():
+  """`[text](other.md#heading)`, `[text](#heading)`, `[text](img/x.png)`: the file exists and,
+  for a markdown file, so does the heading (sections move between the README and docs/)."""
+  broken = []
+  for doc in DOCS:
+    for target in re.findall(r'\]\(([^)\s]+)\)', without_fences(doc.read_text())):
+      if re.match(r'[a-z]+:', target):
+        continue  # https://...
+      path, _, anchor = target.partition('#')
+      file = (doc.parent / path).resolve() if path else doc
+      if not file.exists():
+        broken.append(f'{rel(doc)}: {target} (no such file)')
+      elif anchor and file.suffix == '.md' and anchor not in heading_anchors(file.read_text()):
+        broken.append(f'{rel(doc)}: {target} (no such heading)')
+  assert not broken, 'links in the docs that lead nowhere:\n' + '\n'.join(broken)
+
+
 def test_repository_paths_named_in_the_docs_exist():
   """Files and folders of the repository the docs name; a command's arguments are left to
   the command test (an ``--out`` folder is written by the command)."""
