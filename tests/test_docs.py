@@ -4,8 +4,8 @@ Checked: the README's config-key table (keys, defaults, allowed values)
 against ``configs/default.py`` and ``config.RULES``; every ``python ...``
 command printed in the docs (its script or module, its flags, its
 ``--config`` file and ``--config.KEY=VALUE`` overrides); the module map of
-docs/architecture.md against the import graph of ``gnet_jax``; and the
-names, paths and key lists the docs point at. The docs are read as text and
+docs/architecture.md against the import graph of ``gnet_jax``; the
+names, paths and key lists the docs point at; and the links between them. The docs are read as text and
 the code as source (``ast``) or as light imports (the configs and their
 rules): nothing here trains, compiles or starts a process.
 """
