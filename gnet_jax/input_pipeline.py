@@ -200,42 +200,60 @@ def _tfds_missing_hint(dataset: str) -> str:
   return f'or prepare {dataset} on a machine with internet and copy its data_dir here'
 
 
-def _tfds_sources(dataset: str, data_dir: str | None, splits: tuple[str, str]):
-  """One random-access source per split, downloading and preparing the set if needed.
-
-  Reading a prepared copy needs no TensorFlow; downloading and preparing does
-  (the ``tfds`` extra installs ``tensorflow-cpu``).
-  """
+def _tfds_builder(dataset: str, data_dir: str | None):
+  """tensorflow-datasets' builder of ``dataset`` (nothing read or downloaded yet)."""
   try:
     import tensorflow_datasets as tfds
   except ImportError:
     raise DatasetError(f"{dataset} needs tensorflow-datasets: pip install -e '.[tfds]' "
                        f'(and internet to download it); {_tfds_missing_hint(dataset)}') from None
   try:
-    builder = tfds.builder(dataset, data_dir=data_dir or None)
+    return tfds.builder(dataset, data_dir=data_dir or None)
   except Exception as e:  # tfds raises DatasetNotFoundError and others for unknown names
     raise DatasetError(f'tensorflow-datasets has no data set {dataset!r} ({e}); see '
                        'https://www.tensorflow.org/datasets/catalog for the names') from None
-  try:  # a prepared copy (or tfds.testing.mock_data) reads without TensorFlow
-    return builder, {split: tfds.data_source(dataset, split=split, data_dir=data_dir or None,
-                                             download=False) for split in splits}
-  except Exception:  # not prepared (or a bad split name): tfds raises assorted types here
-    pass
+
+
+def _known_split_sizes(builder, dataset: str, splits: tuple[str, str]) -> list[int] | None:
+  """Each split's example count from the builder's metadata, or None while tfds has none.
+
+  tfds knows the sizes of a set it has not prepared only when its metadata came
+  with it; a split name it cannot parse is an error here, before any download.
+  """
   try:
-    import tensorflow  # noqa: F401  (tfds needs it to download and prepare)
-  except ImportError:
-    raise DatasetError(
-        f'{dataset} is not prepared in {builder.data_dir}, and downloading it needs internet '
-        f"and the tfds extra: pip install -e '.[tfds]' (adds TensorFlow); "
-        f'{_tfds_missing_hint(dataset)}') from None
+    return [builder.info.splits[split].num_examples for split in splits]
+  except KeyError:  # "splits is empty": not generated yet, sizes unknown
+    return None
+  except ValueError as e:  # an unknown split name, or a slice tfds cannot parse
+    raise DatasetError(f'{dataset}: {" ".join(str(e).split())}; check --config.train_split '
+                       'and --config.test_split') from None
+
+
+def _prepare(builder, dataset: str) -> None:
+  """Downloads and prepares ``dataset`` (tfds needs TensorFlow and internet for it)."""
   try:
     builder.download_and_prepare()
-    return builder, {split: builder.as_data_source(split=split) for split in splits}
-  except Exception as e:  # network errors and bad split names come in many types
-    raise DatasetError(f'could not read {dataset} splits {", ".join(splits)} with '
-                       f'tensorflow-datasets ({e}); check the internet connection and the '
-                       f'split names (--config.train_split / test_split); '
+  except ImportError as e:  # TensorFlow: the tfds extra installs tensorflow-cpu
+    raise DatasetError(
+        f'{dataset} is not prepared in {builder.data_dir}, and preparing it needs TensorFlow '
+        f"({e}): pip install -e '.[tfds]' (adds TensorFlow); "
+        f'{_tfds_missing_hint(dataset)}') from None
+  except Exception as e:  # network and download errors come in many types; the cause is named
+    raise DatasetError(f'could not download and prepare {dataset} ({type(e).__name__}: '
+                       f'{" ".join(str(e).split())[:300]}); check the internet connection; '
                        f'{_tfds_missing_hint(dataset)}') from None
+
+
+def _tfds_sources(builder, dataset: str, splits: tuple[str, str]) -> dict:
+  """One random-access source per split of a prepared set (reading needs no TensorFlow)."""
+  try:
+    return {split: builder.as_data_source(split=split) for split in splits}
+  except Exception as e:  # a bad split name, another file format, damaged files: named
+    raise DatasetError(f'cannot read {dataset} splits {", ".join(splits)} from '
+                       f'{builder.data_dir} ({type(e).__name__}: '
+                       f'{" ".join(str(e).split())[:300]}); check the split names '
+                       '(--config.train_split / --config.test_split), or remove that folder '
+                       'to prepare the set again') from None
 
 
 def _tfds_spec(dataset: str, builder) -> tuple[tuple, tuple[str, ...]]:
@@ -284,12 +302,18 @@ def load_tfds(dataset: str, data_dir: str | None, splits: tuple[str, str] = ('tr
   """
   import tqdm
 
-  builder, sources = _tfds_sources(dataset, data_dir, splits)
+  builder = _tfds_builder(dataset, data_dir)
   stored, class_names = _tfds_spec(dataset, builder)
   fixed = all(d is not None for d in stored)
   shape = stored if fixed else (image_size, image_size, stored[-1] or 3)
-  check_fits_in_memory(f'{dataset} ({", ".join(splits)})',
-                       sum(len(sources[s]) for s in splits), shape)
+  what = f'{dataset} ({", ".join(splits)})'
+  if not builder.is_prepared():  # tfds's own test: the prepared folder and its metadata
+    sizes = _known_split_sizes(builder, dataset, splits)
+    if sizes is not None:  # refused before a download it could not hold
+      check_fits_in_memory(what, sum(sizes), shape)
+    _prepare(builder, dataset)
+  sources = _tfds_sources(builder, dataset, splits)
+  check_fits_in_memory(what, sum(len(sources[s]) for s in splits), shape)
   arrays = []
   for split in splits:
     source = sources[split]

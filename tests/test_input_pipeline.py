@@ -180,3 +180,70 @@ def test_available_memory_comes_from_psutil_off_linux_too(monkeypatch):
   assert ip.available_memory() == 3 * 2**30
   with pytest.raises(ip.DatasetError, match='3.0 GiB is available'):
     ip.check_fits_in_memory('big', 4 * 2**20, (32, 32, 3))  # 12 GiB
+
+
+class FakeBuilder:
+  """A tensorflow-datasets builder as _tfds_sources uses it: prepared or not, sizes known."""
+
+  data_dir = '/data/cifar10/3.0.2'
+
+  def __init__(self, prepared, read_error=None, prepare_error=None, sizes=(50000, 10000)):
+    from types import SimpleNamespace as NS
+    self.prepared, self.read_error, self.prepare_error = prepared, read_error, prepare_error
+    self.prepare_calls = 0
+    self.info = NS(features={'image': NS(shape=(32, 32, 3)), 'label': NS(names=['a', 'b'])},
+                   splits={'train': NS(num_examples=sizes[0]),
+                           'test': NS(num_examples=sizes[1])} if sizes else {})
+
+  def is_prepared(self):
+    return self.prepared
+
+  def download_and_prepare(self):
+    self.prepare_calls += 1
+    if self.prepare_error:
+      raise self.prepare_error
+    self.prepared = True
+
+  def as_data_source(self, split):
+    if self.read_error:
+      raise self.read_error
+    return [{'image': np.zeros((32, 32, 3), np.uint8), 'label': 1}] * 3
+
+
+def _with_builder(monkeypatch, builder):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  monkeypatch.setattr(tfds, 'builder', lambda name, data_dir=None: builder)
+  return builder
+
+
+def test_tfds_memory_is_checked_before_downloading(monkeypatch):
+  builder = _with_builder(monkeypatch, FakeBuilder(prepared=False))
+  monkeypatch.setattr(ip, 'available_memory', lambda: 2**27)
+  with pytest.raises(ip.DatasetError, match=r'60000 images of 32x32x3 need 0.2 GiB in memory, '
+                                            r'and 0.1 GiB is available'):
+    ip.load_dataset('cifar10', 'tfds')
+  assert builder.prepare_calls == 0  # refused before downloading anything
+  monkeypatch.setattr(ip, 'available_memory', lambda: 2**34)
+  data = ip.load_dataset('cifar10', 'tfds')
+  assert builder.prepare_calls == 1 and data.train_images.shape == (3, 32, 32, 3)
+
+
+@pytest.mark.parametrize('builder, expected', [
+    (dict(prepared=True, read_error=ValueError("Unknown split 'trian'. Should be one of "
+                                               "['test', 'train'].")),
+     r"cannot read cifar10 splits train, test from /data/cifar10/3.0.2 \(ValueError: Unknown "
+     r"split 'trian'.*--config.train_split"),
+    (dict(prepared=True, read_error=NotImplementedError('Random access data source for file '
+                                                        'format FileFormat.TFRECORD')),
+     r'\(NotImplementedError: Random access data source for file format FileFormat.TFRECORD\)'),
+    (dict(prepared=False, prepare_error=ModuleNotFoundError("No module named 'tensorflow'")),
+     r"cifar10 is not prepared in /data/cifar10/3.0.2, and preparing it needs TensorFlow "
+     r"\(No module named 'tensorflow'\): pip install -e '.\[tfds\]'"),
+    (dict(prepared=False, prepare_error=OSError('Name or service not known'), sizes=None),
+     r'could not download and prepare cifar10 \(OSError: Name or service not known\); check '
+     'the internet connection'),
+])
+def test_tfds_errors_are_passed_on_with_their_cause(monkeypatch, builder, expected):
+  _with_builder(monkeypatch, FakeBuilder(**builder))
+  with pytest.raises(ip.DatasetError, match=expected):
+    ip.load_dataset('cifar10', 'tfds')
