@@ -56,14 +56,15 @@ def test_a_held_workdir_is_refused_naming_its_owner(tmp_path):
       with workdir_lib.hold(tmp_path):  # a second open file description: flock refuses it too
         pytest.fail('a second holder got the lock')
     assert snapshot(tmp_path) == before  # the refused one changed nothing
+    owner = json.loads((tmp_path / workdir_lib.OWNER_NAME).read_text())
+    assert owner['pid'] == os.getpid() and owner['command']
   message = str(refused.value)
   assert message.startswith(f'--workdir {tmp_path} is in use by pid {os.getpid()} on host '
                             f'{socket.gethostname()} since ')
   since = re.search(r' since (\S+) ', message).group(1)
   assert re.fullmatch(r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d', since), since
   assert 'choose another --workdir' in message and '\n' not in message
-  owner = json.loads((tmp_path / workdir_lib.LOCK_NAME).read_text())
-  assert owner['pid'] == os.getpid() and owner['command']
+  assert not (tmp_path / workdir_lib.OWNER_NAME).exists()  # removed at release
   with workdir_lib.hold(tmp_path):  # released at the end of the block
     pass
 
@@ -82,19 +83,84 @@ def test_lock_dies_with_its_owner(tmp_path):
     holder.kill()  # SIGKILL: no Python cleanup runs in the holder
     holder.wait()
   assert holder.returncode == -signal.SIGKILL
-  assert workdir_lib.read_owner(workdir)['pid'] == holder.pid  # the dead owner's line stays ...
+  left = json.loads((workdir / workdir_lib.OWNER_NAME).read_text())
+  assert left['pid'] == holder.pid  # the dead owner's line stays ...
+  assert workdir_lib.read_owner(workdir, attempts=1) is None  # ... but names nobody ...
   with workdir_lib.hold(workdir):  # ... and does not block
     assert workdir_lib.read_owner(workdir)['pid'] == os.getpid()
+
+
+def test_a_dead_owners_line_is_not_named(tmp_path):
+  """A holder that has not written its line yet, over a line a killed run left: 'another process'.
+
+  The stale line sits both where older versions wrote it (run.lock) and in run.owner.
+  """
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True, check=True)
+  pid = int(dead.stdout)
+  stale = json.dumps({'pid': pid, 'host': socket.gethostname(), 'command': 'train.py --old',
+                      'since': '2020-01-01T00:00:00+00:00'})
+  for name in (workdir_lib.LOCK_NAME, 'run.owner'):
+    (tmp_path / name).write_text(stale + '\n')
+  with open(tmp_path / workdir_lib.LOCK_NAME) as f:
+    fcntl.flock(f, fcntl.LOCK_EX)  # the new holder, between taking the lock and writing its line
+    with pytest.raises(WorkdirError) as refused:
+      workdir_lib.acquire(tmp_path)
+  assert f'pid {pid}' not in str(refused.value) and '--old' not in str(refused.value)
+  assert 'in use by another process' in str(refused.value)
+
+
+HOLD_WORKER = '''
+import sys
+from pathlib import Path
+sys.path[:0] = [{repo!r}]
+from configs import default
+from gnet_jax import cli, parallel, workdir
+config = default.get_config()
+config.update(dict(distributed=True, coordinator_address={address!r}, num_processes=2,
+                   process_id={pid}))
+parallel.maybe_initialize_distributed(config)
+def hold():
+  with workdir.hold(Path({workdir!r})):
+    print('held', flush=True)
+  return 0
+sys.exit(cli.run_command(hold))
+'''
+
+
+def test_a_workdir_process_0_cannot_create_stops_every_process(tmp_path):
+  """An OSError on process 0 (here: the workdir's parent is a file) is broadcast, not a hang."""
+  from test_multihost import child_env, free_port
+  (tmp_path / 'file').write_text('x')
+  workdir = tmp_path / 'file' / 'run'
+  address = f'127.0.0.1:{free_port()}'
+  procs = [subprocess.Popen([sys.executable, '-c', HOLD_WORKER.format(
+      repo=str(REPO), address=address, pid=pid, workdir=str(workdir))], cwd=REPO,
+      env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for pid in range(2)]
+  try:
+    results = [proc.communicate(timeout=120) for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  errors = [err for _, err in results]
+  assert [proc.returncode for proc in procs] == [2, 2], errors
+  assert f'error: --workdir {workdir}: cannot create it or its run.lock (' in errors[0]
+  assert f'error: --workdir {workdir}: process 0 could not take the run' in errors[1]
+  assert not any('Traceback' in err for err in errors), errors
 
 
 def test_a_lock_without_an_owner_line_is_still_refused(tmp_path):
   (tmp_path / workdir_lib.LOCK_NAME).touch()
   with open(tmp_path / workdir_lib.LOCK_NAME) as f:
     fcntl.flock(f, fcntl.LOCK_EX)  # a holder that has not written its line (yet)
-    with pytest.raises(WorkdirError, match=r'in use by another process \(its run.lock names '
-                                           r'none\)'):
+    with pytest.raises(WorkdirError, match=r'in use by another process \(it has not named '
+                                           r'itself in run.owner\)'):
       workdir_lib.acquire(tmp_path)
   assert (tmp_path / workdir_lib.LOCK_NAME).read_text() == ''
+  assert not (tmp_path / workdir_lib.OWNER_NAME).exists()  # the refused one wrote nothing
 
 
 def test_two_processes_of_another_run_are_both_refused(tmp_path, idx_dir):
@@ -208,10 +274,11 @@ def test_run_killed_with_sigkill_resumes_with_the_same_command(tmp_path, idx_dir
     killed.wait()
   assert killed.returncode == -signal.SIGKILL
   assert 'epoch 2/2' not in Path(f'{log}.out').read_text()  # killed mid-training
-  assert workdir_lib.read_owner(workdir)['pid'] == killed.pid  # its line is still there
+  left = json.loads((workdir / workdir_lib.OWNER_NAME).read_text())
+  assert left['pid'] == killed.pid  # its line is still there
   resumed = run_train(*args)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   step = int(re.search(r'resuming from the checkpoint at step (\d+)', resumed.stdout).group(1))
   assert saved <= step < 24 and step % 2 == 0
-  assert workdir_lib.read_owner(workdir)['pid'] not in (killed.pid, os.getpid())
+  assert not (workdir / workdir_lib.OWNER_NAME).exists()  # the resumed run removed it at its end
   finished_run_is_intact(workdir)
