@@ -381,11 +381,13 @@ def import_to_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike,
   it and ``python -m gnet_jax.evaluate --workdir <workdir>`` evaluates it.
   The model must fit the config's data: 1 input channel (MNIST and
   Fashion-MNIST are grayscale) and 10 classes. With ``config.aux_weight > 0``
-  the aux heads, absent from the d2l model, start freshly initialised.
-  Returns a summary (``in_channels``, ``num_classes``, ``notes``, ``checkpoint``).
+  the aux heads, absent from the d2l model, start freshly initialised. The
+  workdir's lock is held while writing (``gnet_jax.workdir``): a workdir a run
+  is training in is refused. Returns a summary (``in_channels``, ``num_classes``,
+  ``notes``, ``checkpoint``).
   """
   from gnet_jax import (checkpoint, config as config_lib, input_pipeline,  # late: not for NumPy use
-                        state as state_lib)
+                        state as state_lib, workdir as workdir_lib)
 
   config_lib.validate(config)
   state_dict, notes = load_torch_file(path, trust_pickle=trust_pickle)
@@ -413,7 +415,8 @@ def import_to_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike,
   state = state.replace(params=params, opt_state=state_lib.init_opt_state(tx, params))
   if getattr(model, 'aux_heads', False):
     notes.append('aux heads (aux1, aux2) are freshly initialised: the d2l model has none')
-  folder = checkpoint.save_state(workdir, state, config)
+  with workdir_lib.hold(Path(workdir).absolute()):  # not into a workdir a run is training in
+    folder = checkpoint.save_state(workdir, state, config)
   return {'in_channels': in_channels, 'num_classes': num_classes, 'notes': notes,
           'checkpoint': folder, 'tensors': len(state_dict)}
 

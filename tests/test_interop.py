@@ -261,3 +261,20 @@ def test_cli_errors(tmp_path, capsys):
   assert not any((tmp_path / d).exists() for d in 'abc')
   assert interop.main(['interop', '--help']) == 0
   assert 'python -m gnet_jax.interop export DIR OUT.pt' in capsys.readouterr().out
+
+
+def test_import_takes_the_workdir_lock(tmp_path, capsys):
+  """A workdir a run is training in is refused: import would write a checkpoint into it."""
+  import socket
+
+  from gnet_jax import workdir as workdir_lib
+  pt = tmp_path / 'net.pt'
+  torch.save(torch_reference.googlenet(1, 10).state_dict(), pt)
+  run = tmp_path / 'run'
+  with workdir_lib.hold(run):
+    code = interop.main(['interop', 'import', str(pt), '--workdir', str(run)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(f'error: --workdir {run} is in use by pid {os.getpid()} on host '
+                          f'{socket.gethostname()}'), err
+    assert not (run / 'checkpoints').exists()
