@@ -148,7 +148,7 @@ def _file_error(path: str, error: BaseException) -> str:
 
 
 def _line_in(path: str, error: BaseException) -> int | None:
-  """The line of ``path`` that ``error`` went through last (its traceback's innermost such frame)."""
+  """The line of ``path`` that ``error`` went through last (the innermost such frame)."""
   import traceback
 
   lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
