@@ -1,8 +1,8 @@
 """gnet-jax and the PyTorch original trained side by side, step by step.
 
-    python benchmarks/fidelity.py --image_size 28 --epochs 1 --out runs/fidelity_28
-    python benchmarks/fidelity.py --config configs/fashion_mnist.py --steps 200 --out DIR
-    python benchmarks/fidelity.py --config configs/quickstart.py --config.learning_rate=0.01 ...
+    python -m benchmarks.fidelity --image_size 28 --epochs 1 --out runs/fidelity_28
+    python -m benchmarks.fidelity --config configs/fashion_mnist.py --steps 200 --out DIR
+    python -m benchmarks.fidelity --config configs/quickstart.py --config.learning_rate=0.01 ...
 
 Both networks start from the **same weights** (gnet-jax's initial parameters,
 converted with ``gnet_jax.interop.params_to_torch`` and loaded into the d2l
@@ -40,16 +40,15 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / 'tests'))  # torch_reference.py lives with the tests
+from benchmarks import harness
+
+REPO = harness.REPO
 
 warnings.filterwarnings('ignore', message='.*load_module.*', category=DeprecationWarning)
 
@@ -123,9 +122,12 @@ def check_recipe(config) -> None:
                        'has none)')
   if config.dtype != 'float32':
     unsupported.append(f'dtype={config.dtype} (the comparison is in float32)')
+  if config.augment_crop != 'none' or config.augment_flip:
+    unsupported.append('augmentation (PyTorch gets the same pixels, unaugmented)')
   if unsupported:
     raise UsageError('not supported by the side-by-side comparison: ' + '; '.join(unsupported) +
-                     ' (set --config.aux_weight=0 / --config.dtype=float32)')
+                     ' (set --config.aux_weight=0 / --config.dtype=float32 / '
+                     "--config.augment_crop=none --config.augment_flip=false)")
 
 
 def torch_optimizer(torch, config, parameters):
@@ -138,22 +140,11 @@ def torch_optimizer(torch, config, parameters):
 
 def machine_lines(torch, torch_device: str) -> list[str]:
   import jax
-  import jaxlib
-  import numpy as np
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
-                 cpu)
-  except OSError:
-    pass
   devices = jax.devices()
-  lines = [f'machine: {platform.node()}, {cpu}, {os.cpu_count()} cores, {platform.system()} '
-           f'{platform.release()}',
-           f'python {platform.python_version()}, jax {jax.__version__} (jaxlib '
-           f'{jaxlib.__version__}, backend {jax.default_backend()}: {devices[0].device_kind} x'
-           f'{len(devices)}), numpy {np.__version__}',
-           f'torch {torch.__version__} on {torch_device} ({torch.get_num_threads()} threads)']
+  machine = harness.machine_info(
+      jax_device=f'{jax.default_backend()} {devices[0].device_kind} x{len(devices)}',
+      torch_device=f'{torch_device} ({torch.get_num_threads()} threads)')
+  lines = harness.machine_lines(machine)
   if os.environ.get('XLA_FLAGS'):
     lines.append(f'XLA_FLAGS={os.environ["XLA_FLAGS"]}')
   return lines
@@ -190,8 +181,7 @@ def load_data(config, data_dir: str | None):
 
 def torch_net(torch, params, in_channels: int, num_classes: int, device: str):
   """The d2l PyTorch GoogLeNet holding exactly ``params`` (gnet-jax's tree)."""
-  import torch_reference
-  from gnet_jax import interop
+  from gnet_jax import interop, torch_reference
   net = torch_reference.googlenet(in_channels, num_classes)
   state_dict = interop.params_to_torch(params, numpy=True)
   net.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
@@ -229,18 +219,34 @@ def torch_evaluate(torch, net, data, batch_size: int, image_size: int, device: s
   return {'loss': loss_sum / max(count, 1), 'accuracy': correct / max(count, 1), 'count': count}
 
 
-def jax_evaluate(eval_fn, params, data, batch_size: int) -> dict:
+def jax_side(config, spec) -> tuple[Any, Any, Callable, Callable]:
+  """gnet-jax as ``train.py`` trains it, on one device: ``(state, model, step, evaluate)``.
+
+  ``step(state, batch) -> (state, loss, accuracy)`` is ``train.make_train_step``
+  with the running sums zeroed first, so that they hold this step's alone;
+  ``evaluate(params, data, batch_size)`` is ``train.evaluate``.
+  """
   import jax
   import numpy as np
-  from gnet_jax import input_pipeline
-  totals = None
-  for batch in input_pipeline.eval_batches(data.test_images, data.test_labels, batch_size):
-    sums = eval_fn(params, batch)
-    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-  totals = jax.tree.map(np.asarray, jax.device_get(totals))
-  count = int(totals['count'])
-  return {'loss': float(totals['loss_sum']) / max(count, 1),
-          'accuracy': float(totals['correct']) / max(count, 1), 'count': count}
+  from gnet_jax import parallel, state as state_lib, train
+  model, tx, host_state = state_lib.build(config, spec)
+  runner = parallel.make_runner(config, jax.devices()[:1])
+  step_fn = train.make_train_step(runner, model, tx, config, spec)
+  eval_fn = train.compile_eval(runner, model, config.image_size, spec)
+
+  def step(state, batch):
+    zero = runner.put_state(state_lib.zero_metrics())
+    state = step_fn(state.replace(metrics=zero), runner.put_batch(batch))
+    sums = runner.to_host(state.metrics)
+    count = np.float32(sums['count'])  # float32 division, as on the device
+    return state, float(np.float32(sums['loss_sum']) / count), float(sums['correct'] / count)
+
+  def evaluate(params, data, batch_size: int) -> dict:
+    result = train.evaluate(runner, eval_fn, params, data.test_images, data.test_labels,
+                            batch_size)
+    return {k: result[k] for k in ('loss', 'accuracy', 'count')}
+
+  return runner.put_state(host_state), model, step, evaluate
 
 
 def relative_difference(a: float, b: float) -> float:
@@ -357,8 +363,8 @@ class Sides:
   device: str
   image_size: int
   state: Any  # gnet-jax's TrainState, on device
-  step_fn: Callable  # (state, batch) -> (state, this step's mean loss)
-  eval_fn: Callable  # (params, batch) -> sums
+  step_fn: Callable  # (state, batch) -> (state, this step's mean loss, accuracy)
+  eval_fn: Callable  # (params, data, batch_size) -> loss, accuracy, count
   net: Any
   optimizer: Any
   criterion: Any
@@ -369,21 +375,13 @@ class Sides:
   def create(cls, torch, config, data, device: str, control: bool) -> Sides:
     """Both networks from gnet-jax's initial parameters (the factory's ``state.build``)."""
     import jax
-    import jax.numpy as jnp
-    from gnet_jax import state as state_lib, train
-
-    model, tx, host_state = state_lib.build(config)
+    state, model, step, evaluate = jax_side(config, data.spec)
+    host_state = jax.device_get(state)
     size, channels = config.image_size, data.image_shape[-1]
 
-    def step(s, batch):
-      s = s.replace(metrics=jax.tree.map(jnp.zeros_like, s.metrics))  # this step's sums only
-      s = train.train_step(s, batch, model=model, tx=tx, image_size=size)
-      return s, s.metrics['loss_sum'] / s.metrics['count'].astype(jnp.float32)
-
     net = torch_net(torch, host_state.params, channels, model.num_classes, device)
-    sides = cls(torch=torch, device=device, image_size=size, state=jax.device_put(host_state),
-                step_fn=jax.jit(step, donate_argnums=0),
-                eval_fn=jax.jit(functools.partial(train.eval_step, model=model, image_size=size)),
+    sides = cls(torch=torch, device=device, image_size=size, state=state, step_fn=step,
+                eval_fn=evaluate,
                 net=net, optimizer=torch_optimizer(torch, config, net.parameters()),
                 criterion=torch.nn.CrossEntropyLoss())
     if control:  # PyTorch against itself, from nearly the same weights
@@ -461,8 +459,7 @@ def step_both(sides: Sides, trace: Trace, step_no: int, batch) -> tuple[float, f
   """One step of each network on ``batch``, timed and recorded; returns both losses."""
   torch = sides.torch
   s0 = time.perf_counter()
-  sides.state, jloss = sides.step_fn(sides.state, batch)
-  jloss = float(jloss)
+  sides.state, jloss, _ = sides.step_fn(sides.state, batch)
   s1 = time.perf_counter()
   x = torch_input(torch, batch['image'], sides.image_size, sides.device)
   y = torch.from_numpy(batch['label']).long().to(sides.device)
@@ -501,7 +498,7 @@ def log_step(sides: Sides, trace: Trace, step_no: int, epoch: int) -> None:
 def evaluate_both(sides: Sides, trace: Trace, data, batch_size: int, epoch: int, step_no: int,
                   steps_per_epoch: int) -> None:
   """Both test accuracies at an epoch's end (or the run's, mid-epoch)."""
-  ej = jax_evaluate(sides.eval_fn, sides.state.params, data, batch_size)
+  ej = sides.eval_fn(sides.state.params, data, batch_size)
   et = torch_evaluate(sides.torch, sides.net, data, batch_size, sides.image_size, sides.device)
   trace.evals.append({'epoch': epoch + 1, 'step': step_no, 'partial_epoch':
                       step_no % steps_per_epoch != 0, 'jax': ej, 'torch': et})

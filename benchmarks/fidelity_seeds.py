@@ -1,10 +1,10 @@
 """Curves over seeds: gnet-jax and the PyTorch original, each trained on its own.
 
-    python benchmarks/fidelity_seeds.py --out runs/fidelity_seeds          # train (resumable)
-    python benchmarks/fidelity_seeds.py --out runs/fidelity_seeds --summarize \\
+    python -m benchmarks.fidelity_seeds --out runs/fidelity_seeds          # train (resumable)
+    python -m benchmarks.fidelity_seeds --out runs/fidelity_seeds --summarize \\
         --plot docs/img/fidelity_seeds.png
 
-Unlike ``benchmarks/fidelity.py`` (same start, same batches), every run here is
+Unlike ``benchmarks.fidelity`` (same start, same batches), every run here is
 independent, the way a user would train either network:
 
 - ``torch``: the d2l PyTorch GoogLeNet (``gnet_jax/torch_reference.py``) with its
@@ -30,15 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import fidelity  # noqa: E402  (sets up sys.path for gnet_jax and torch_reference)
+from benchmarks import fidelity
 
 FRAMEWORKS = ('torch', 'jax', 'jax-torchbias')
 LABELS = {'torch': 'PyTorch original', 'jax': 'gnet-jax (zero biases)',
@@ -46,11 +43,8 @@ LABELS = {'torch': 'PyTorch original', 'jax': 'gnet-jax (zero biases)',
 COLORS = {'torch': 'tab:orange', 'jax': 'tab:blue', 'jax-torchbias': 'tab:green'}
 
 
-def run_one(name: str, seed: int, config, torch, data, epochs: int, cache: dict) -> dict:
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from gnet_jax import input_pipeline, state as state_lib, train
+def run_one(name: str, seed: int, config, torch, data, epochs: int) -> dict:
+  from gnet_jax import input_pipeline, torch_reference
 
   size, batch_size = config.image_size, config.batch_size
   n = len(data.train_labels)
@@ -59,7 +53,6 @@ def run_one(name: str, seed: int, config, torch, data, epochs: int, cache: dict)
   t0 = time.perf_counter()
   if name == 'torch':
     torch.manual_seed(seed)
-    import torch_reference
     net = torch_reference.googlenet(data.image_shape[-1], 10)
     opt = torch.optim.SGD(net.parameters(), lr=config.learning_rate)
     criterion = torch.nn.CrossEntropyLoss()
@@ -84,22 +77,14 @@ def run_one(name: str, seed: int, config, torch, data, epochs: int, cache: dict)
     config = config.copy_and_resolve_references()
     config.seed = seed
     config.bias_init = 'torch' if name == 'jax-torchbias' else 'zeros'
-    model, tx, host_state = state_lib.build(config)
-    if 'step' not in cache:  # one compilation serves every jax run (same shapes)
-      def step(s, batch):
-        s = s.replace(metrics=jax.tree.map(jnp.zeros_like, s.metrics))
-        s = train.train_step(s, batch, model=model, tx=tx, image_size=size)
-        return s, s.metrics['loss_sum'] / batch_size, s.metrics['correct'] / batch_size
-      cache['step'] = jax.jit(step, donate_argnums=0)
-      cache['eval'] = jax.jit(lambda p, b: train.eval_step(p, b, model=model, image_size=size))
-    jstate = jax.device_put(host_state)
+    jstate, _, step, evaluate = fidelity.jax_side(config, data.spec)
     for epoch in range(epochs):
       for batch in input_pipeline.train_batches(data.train_images, data.train_labels,
                                                 batch_size, seed, epoch):
-        jstate, loss, acc = cache['step'](jstate, batch)
-        losses.append(float(loss))
-        accs.append(float(acc))
-      ev = fidelity.jax_evaluate(cache['eval'], jstate.params, data, batch_size)
+        jstate, loss, acc = step(jstate, batch)
+        losses.append(loss)
+        accs.append(acc)
+      ev = evaluate(jstate.params, data, batch_size)
       evals.append(_epoch_record(epoch, losses, accs, spe, ev, t0))
       print(f'  {name} seed {seed} epoch {epoch + 1}: {evals[-1]}', flush=True)
   return {'name': name, 'label': LABELS[name], 'seed': seed, 'image_size': size,
@@ -132,7 +117,6 @@ def train_all(args) -> int:
   runs.mkdir(parents=True, exist_ok=True)
   (Path(args.out) / 'machine.json').write_text(json.dumps(
       fidelity.machine_lines(torch, 'cpu'), indent=1) + '\n')
-  cache = {}
   # The two main curves first (seed by seed), the bias-init variant last.
   order = ([(s, n) for s in args.seeds for n in args.frameworks if n != 'jax-torchbias'] +
            [(s, n) for s in args.seeds for n in args.frameworks if n == 'jax-torchbias'])
@@ -143,7 +127,7 @@ def train_all(args) -> int:
       continue
     print(f'{LABELS[name]}, seed {seed}: {args.epochs} epochs at {config.image_size}x'
           f'{config.image_size}', flush=True)
-    result = run_one(name, seed, config, torch, data, args.epochs, cache)
+    result = run_one(name, seed, config, torch, data, args.epochs)
     tmp = path.with_suffix('.tmp')
     tmp.write_text(json.dumps(result) + '\n')
     os.replace(tmp, path)

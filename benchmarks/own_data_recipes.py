@@ -1,8 +1,8 @@
 """Which recipe suits a small image folder? ``configs/image_folder.py`` against simpler ones.
 
-    python benchmarks/own_data_recipes.py                        # the table in docs/own_data.md
-    python benchmarks/own_data_recipes.py --epochs 5 --image-size 32 --train-per-class 50
-    python benchmarks/own_data_recipes.py --epochs 30 --only 3,4   # augmentation or not, 30 epochs
+    python -m benchmarks.own_data_recipes                        # the table in docs/own_data.md
+    python -m benchmarks.own_data_recipes --epochs 5 --image-size 32 --train-per-class 50
+    python -m benchmarks.own_data_recipes --epochs 30 --only 3,4   # augmentation or not, 30 epochs
 
 Makes an image folder from Fashion-MNIST (the first N training and test images
 of each class, written as PNG files under ``--out``; grey, so the folder's RGB
@@ -15,19 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from gnet_jax import xla_flags  # noqa: E402
+from gnet_jax import xla_flags
 
 xla_flags.apply_defaults()
 
 from configs import image_folder as image_folder_config  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from gnet_jax import input_pipeline, metrics, train  # noqa: E402
 
 # Name -> overrides of configs/image_folder.py; the last is the config as shipped.
@@ -75,7 +70,7 @@ def run(name: str, overrides: dict, folder: Path, workdir: Path, args) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--out', type=Path, default=REPO / 'runs' / 'own_data_recipes')
+  parser.add_argument('--out', type=Path, default=harness.REPO / 'runs' / 'own_data_recipes')
   parser.add_argument('--train-per-class', type=int, default=100)
   parser.add_argument('--test-per-class', type=int, default=50)
   parser.add_argument('--image-size', type=int, default=32)
@@ -90,7 +85,8 @@ def main() -> None:
   for i, (name, overrides) in enumerate(RECIPES.items(), start=1):
     if i in chosen:
       results.append(run(name, overrides, folder, args.out / f'recipe{i}_{args.epochs}', args))
-  print(f'\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; '
+  machine = harness.machine_info()
+  print(f"\n{machine['cpu']}, {machine['cores']} cores; "
         f'{args.train_per_class} train / {args.test_per_class} test images per class, '
         f'{args.image_size}x{args.image_size}, {args.epochs} epochs, batch 32\n')
   print('| recipe | test acc, last epoch | best epoch | train loss, last epoch |\n|---|---|---|---|')

@@ -1,10 +1,10 @@
 """Replays a run's steps from one of its checkpoints: loss, accuracy and update size, step by step.
 
-    python benchmarks/replay.py --workdir runs/book --start 4500 --stop 4606 --check 4600
-    python benchmarks/replay.py --workdir runs/book --start 4500 --stop 4680 --ops-at c638eba ...
-    python benchmarks/replay.py --workdir runs/book --start 4500 --stop 4680 --eval
-    GNET_JAX_XLA_DEFAULTS=0 python benchmarks/replay.py --workdir runs/book --start 4500 ...
-    python benchmarks/replay.py --workdir runs/book --start 4500 --stop 4680 --eval --torch
+    python -m benchmarks.replay --workdir runs/book --start 4500 --stop 4606 --check 4600
+    python -m benchmarks.replay --workdir runs/book --start 4500 --stop 4680 --ops-at c638eba ...
+    python -m benchmarks.replay --workdir runs/book --start 4500 --stop 4680 --eval
+    GNET_JAX_XLA_DEFAULTS=0 python -m benchmarks.replay --workdir runs/book --start 4500 ...
+    python -m benchmarks.replay --workdir runs/book --start 4500 --stop 4680 --eval --torch
 
 A run's metrics are sums over ~94-step windows; when one window goes wrong (a
 loss spike), this says which step, and whether it is a property of the weights
@@ -15,7 +15,7 @@ and batches or of the last bits of the arithmetic:
   retraces the run bit for bit: ``--check STEP`` compares the parameters
   with that step's checkpoint. A run trained by an older commit is retraced
   with that commit's kernels, ``--ops-at REV`` (``gnet_jax/ops.py`` as
-  committed there, as ``benchmarks/kernels_ab.py`` swaps it in): kernels
+  committed there, as ``benchmarks.throughput --ops-at`` swaps it in): kernels
   that compute the same values may still round differently in the last bit.
 - ``GNET_JAX_XLA_DEFAULTS=0`` compiles with XLA's own CPU flags instead of
   gnet-jax's (``gnet_jax.xla_flags``): the same computation, different
@@ -33,20 +33,17 @@ writes every row and the summary as JSON. Runs on one device.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / 'benchmarks')]
-
-from gnet_jax import xla_flags  # noqa: E402
+from gnet_jax import xla_flags
 
 xla_flags.apply_defaults()  # as train.py does, before JAX starts
 
-import fidelity  # noqa: E402
 import numpy as np  # noqa: E402
+
+from benchmarks import fidelity, harness  # noqa: E402
 
 
 def param_distance(a, b) -> float:
@@ -185,11 +182,8 @@ def main(argv: list[str] | None = None) -> int:
   if args.torch:
     result = replay_torch(ck, data, args.stop, args.eval)
   else:
-    kernels = contextlib.nullcontext()
-    if args.ops_at:
-      import kernels_ab
-      kernels = kernels_ab.models_using(kernels_ab.ops_at(args.ops_at))
-    with kernels:  # every trace of the model happens inside
+    with harness.models_using(harness.ops_at(args.ops_at) if args.ops_at else None):
+      # every trace of the model happens inside
       result = replay_jax(args.workdir, ck, data, args.stop, set(args.check), args.eval)
   for line in summary_lines(result, args.spike_factor):
     print(line)

@@ -1,6 +1,6 @@
 """Turns a ``train.py`` run into committed evidence: its metrics, the d2l-style plot, the facts of the run.
 
-    python benchmarks/reproduction.py --workdir runs/book --name book_96 \\
+    python -m benchmarks.reproduction --workdir runs/book --name book_96 \\
         --command 'python train.py --config configs/fashion_mnist.py --workdir runs/book' \\
         --commit c638eba
 
@@ -19,14 +19,12 @@ import argparse
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / 'benchmarks')]
+from benchmarks import harness
+from gnet_jax import metrics
 
-import throughput  # noqa: E402
-from gnet_jax import metrics  # noqa: E402
+REPO = harness.REPO
 
 # Dive into Deep Learning, section 8.4 (GoogLeNet), the PyTorch run's last line:
 # Fashion-MNIST at 96x96, SGD lr 0.1, batch 128, 10 epochs.
@@ -42,7 +40,7 @@ def run_facts(workdir: Path, history: list[dict], command: str, commit: str) -> 
   events = [f for f in (workdir / 'tensorboard').glob('events.out.tfevents.*')
             if re.search(r'\.\d+\.\d+$', f.name)]
   reached = next((m['epoch'] for m in history if m['test_acc'] >= TARGET_TEST_ACC), None)
-  info = throughput.machine_info(None, None)
+  info = harness.machine_info()
   return {
       'command': command, 'commit': commit,
       'machine': f"{info['cpu']}, {info['cores']} cores, {info['os']}",

@@ -299,7 +299,7 @@ def script_flags(path: Path) -> Flags:
 
   An argparse script that defines ``--config`` and hands what it does not know
   on (``parse_known_args``) takes ``--config.KEY=VALUE`` overrides too
-  (benchmarks/fidelity.py).
+  (``benchmarks.fidelity``).
   """
   tree = ast.parse(path.read_text())
   flags = _flags_in(tree)
@@ -341,9 +341,9 @@ def check_command(command: Command) -> list[str]:
             if not (REPO / path.split('::')[0]).exists()]
   if argv[:1] == ['-m']:
     module = argv[1] if len(argv) > 1 else ''
-    if not module.startswith('gnet_jax.'):
+    if not module.startswith(('gnet_jax.', 'benchmarks.')):
       return []  # venv, pip, ...: not the project's
-    path, args = PACKAGE / f'{module.split(".", 1)[1]}.py', argv[2:]
+    path, args = REPO / f'{module.replace(".", "/")}.py', argv[2:]
   elif argv and argv[0].endswith('.py'):
     path, args = REPO / argv[0], argv[1:]
   else:
@@ -389,7 +389,7 @@ def test_the_docs_print_commands_of_every_kind():
   commands = printed_commands()
   heads = {c.argv[0] if c.argv[0] != '-m' else c.argv[1] for c in commands if c.argv}
   assert {'train.py', 'gnet_jax.evaluate', 'gnet_jax.predict', 'gnet_jax.interop', 'pytest',
-          'benchmarks/throughput.py', 'benchmarks/fidelity.py'} <= heads, sorted(heads)
+          'benchmarks.throughput', 'benchmarks.fidelity'} <= heads, sorted(heads)
   assert len(commands) >= 40
 
 
@@ -408,9 +408,10 @@ def test_every_printed_python_command_parses():
     ('python -m gnet_jax.evaluate --workdir runs/x --step 3', []),
     ('python -m gnet_jax.evaluate --workdir runs/x --steps 3', ['--steps is not a flag']),
     ('python -m gnet_jax.nothere --workdir runs/x', ['gnet_jax/nothere.py does not exist']),
-    ('python benchmarks/throughput.py --sizes 28 --min-rounds 3', []),
-    ('python benchmarks/throughput.py --size_list 28', ['--size_list is not a flag']),
-    ('python benchmarks/fidelity.py --epochs 1 --config.image_size=28', []),
+    ('python -m benchmarks.throughput --sizes 28 --min-rounds 3', []),
+    ('python -m benchmarks.throughput --size_list 28', ['--size_list is not a flag']),
+    ('python -m benchmarks.fidelity --epochs 1 --config.image_size=28', []),
+    ('python -m benchmarks.kernels_ab --against HEAD', ['benchmarks/kernels_ab.py does not exist']),
     ('python -m pytest tests/test_nothere.py', ['tests/test_nothere.py does not exist']),
     ('python -m pytest -q -n 0 -k resume tests/test_nothere.py', ['test_nothere.py does not exist']),
     ('python -m pytest -q -n 0 -k resume tests/test_docs.py', []),

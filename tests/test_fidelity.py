@@ -1,4 +1,4 @@
-"""benchmarks/fidelity.py: gnet-jax and the PyTorch original trained side by side, step by step.
+"""``python -m benchmarks.fidelity``: gnet-jax and the PyTorch original trained side by side, step by step.
 
 A tiny run in this process (16 synthetic images at 32x32, batch 8, 4 steps =
 2 epochs): one GoogLeNet compilation. The full-size measurement is in
@@ -6,17 +6,14 @@ docs/fidelity.md.
 """
 
 import json
-import sys
 
 import matplotlib.colors
 import pytest
 
 torch = pytest.importorskip('torch')
 
-from conftest import REPO, pixels_of_color, read_png  # noqa: E402
-
-sys.path.insert(0, str(REPO / 'benchmarks'))
-import fidelity  # noqa: E402
+from benchmarks import fidelity  # noqa: E402
+from conftest import pixels_of_color, read_png  # noqa: E402
 
 STEPS = 4
 TINY = ['--image_size', '32', '--config.batch_size=8', '--train_examples', '16',

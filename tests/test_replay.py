@@ -1,18 +1,25 @@
-"""benchmarks/replay.py: a run's steps retraced from a checkpoint, in gnet-jax and in PyTorch."""
+"""``python -m benchmarks.replay``: a run's steps retraced from a checkpoint, in gnet-jax and in PyTorch."""
 
 import json
-import sys
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO
+from benchmarks import replay
+from configs import default
+from gnet_jax import metrics, ops, train
 
-sys.path.insert(0, str(REPO / 'benchmarks'))
-import replay  # noqa: E402
+# Appended to ops.py: every convolution 1% larger, a kernel set that computes other values.
+ALTERED = """
 
-from configs import default  # noqa: E402
-from gnet_jax import metrics, train  # noqa: E402
+_stock_conv = conv
+
+
+def conv(*args, **kwargs):
+  return _stock_conv(*args, **kwargs) * 1.01
+"""
 
 
 @pytest.fixture(scope='module')
@@ -42,13 +49,43 @@ def test_jax_replay_retraces_the_run_bit_for_bit(run, tmp_path, capsys):
   assert all(r['update_norm'] > 0 and 0 <= r['acc'] <= 1 for r in result['rows'])
 
 
-def test_replay_with_the_kernels_of_a_commit(run, tmp_path):
-  """--ops-at REV traces GoogLeNet with ops.py as committed at REV; HEAD's are the run's own."""
-  out = tmp_path / 'replay.json'
-  assert replay.main(['--workdir', str(run), '--start', '2', '--stop', '4', '--check', '4',
-                      '--ops-at', 'HEAD', '--out', str(out)]) == 0
-  result = json.loads(out.read_text())
-  assert result['ops_at'] == 'HEAD' and result['checks']['4']['identical']
+def git(folder: Path, *args: str) -> str:
+  return subprocess.run(['git', '-C', str(folder), '-c', 'user.name=t', '-c', 'user.email=t@t',
+                         *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def ops_history(tmp_path, monkeypatch):
+  """A git repository holding today's ops.py (commit ``same``), then one whose convolutions
+  compute other values (``altered``); ``--ops-at`` reads it through ``GIT_DIR``."""
+  repo = tmp_path / 'history'
+  (repo / 'gnet_jax').mkdir(parents=True)
+  git(repo, 'init', '-q')
+  source = Path(ops.__file__).read_text()
+  revs = {}
+  for name, text in (('same', source), ('altered', source + ALTERED)):
+    (repo / 'gnet_jax' / 'ops.py').write_text(text)
+    git(repo, 'add', 'gnet_jax/ops.py')
+    git(repo, 'commit', '-q', '-m', name)
+    revs[name] = git(repo, 'rev-parse', 'HEAD')
+  monkeypatch.setenv('GIT_DIR', str(repo / '.git'))
+  return revs
+
+
+def test_replay_traces_with_the_kernels_of_a_commit(run, tmp_path, ops_history):
+  """--ops-at REV traces GoogLeNet with ops.py as committed at REV: the run's own kernels
+  retrace it bit for bit, kernels that compute other values do not."""
+  results = {}
+  for name, rev in ops_history.items():
+    out = tmp_path / f'{name}.json'
+    assert replay.main(['--workdir', str(run), '--start', '2', '--stop', '4', '--check', '4',
+                        '--ops-at', rev, '--out', str(out)]) == 0
+    results[name] = json.loads(out.read_text())
+    assert results[name]['ops_at'] == rev
+  assert results['same']['checks']['4'] == {'identical': True, 'distance': 0.0}
+  assert results['altered']['checks']['4']['identical'] is False
+  assert results['altered']['checks']['4']['distance'] > 0
+  assert results['altered']['rows'][0]['loss'] != results['same']['rows'][0]['loss']
 
 
 def test_torch_replay_follows_the_same_steps(run, tmp_path):

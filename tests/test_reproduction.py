@@ -1,18 +1,13 @@
-"""benchmarks/reproduction.py: a run's files become the committed evidence of docs/reproduction.md."""
+"""``python -m benchmarks.reproduction``: a run's files become the committed evidence of docs/reproduction.md."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / 'benchmarks'))
-import reproduction  # noqa: E402
-
-from gnet_jax import metrics  # noqa: E402
+from benchmarks import reproduction
+from gnet_jax import metrics
 
 
 def _fake_run(workdir, epochs_done: int, num_epochs: int = 2):
