@@ -1,6 +1,7 @@
 """GoogLeNet (the compact Inception network of *Dive into Deep Learning*) in Flax linen.
 
-Modules only, NHWC throughout. The pooling and convolution arithmetic lives in
+Modules only, NHWC throughout; ``Inception`` and ``AuxHead`` also serve
+torchvision's GoogLeNet (``gnet_jax.inception_v1``) with its conv unit. The pooling and convolution arithmetic lives in
 ``gnet_jax.ops`` (``kernels`` picks XLA's stock ops or the hand-written CPU
 forms); initial weights come from ``gnet_jax.state.init_params``.
 """
@@ -34,10 +35,11 @@ AUX_TAPS = (1, 4)
 
 
 class Conv(nn.Module):
-  """A square convolution padded by ``k // 2``, as PyTorch's ``nn.Conv2d(..., padding=k // 2)``.
+  """A square convolution padded by ``k // 2`` then ReLU: every d2l conv, a *conv unit*.
 
-  Same parameters (``kernel`` HWIO, ``bias``) as ``nn.Conv``; ``weights`` lets a
-  parent hand several convolutions that read one input to ``ops`` together.
+  Same parameters (``kernel`` HWIO, ``bias``) as ``nn.Conv``. A conv unit has
+  ``weights`` (what ``ops`` convolves with, so a parent can hand several that read
+  one input to ``ops`` together) and ``activate`` (what follows the convolution).
   """
 
   features: int
@@ -45,23 +47,28 @@ class Conv(nn.Module):
   stride: int = 1
   dtype: Dtype = jnp.float32
   kernels: str = 'auto'
+  use_bias: bool = True
 
   @nn.compact
-  def weights(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+  def weights(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
     k = self.kernel_size
-    return (self.param('kernel', xavier_uniform, (k, k, in_features, self.features)),
-            self.param('bias', nn.initializers.zeros, (self.features,)))
+    kernel = self.param('kernel', xavier_uniform, (k, k, in_features, self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,)) if self.use_bias else None
+    return kernel, bias
+
+  def activate(self, y: jax.Array) -> jax.Array:
+    return nn.relu(y)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return ops.conv(x, *self.weights(x.shape[-1]), stride=self.stride, dtype=self.dtype,
-                    kernels=self.kernels)
+    return self.activate(ops.conv(x, *self.weights(x.shape[-1]), stride=self.stride,
+                                  dtype=self.dtype, kernels=self.kernels))
 
 
 class Inception(nn.Module):
   """Four parallel branches over one input, concatenated on the channel axis.
 
   Conv names follow the d2l PyTorch module (``p1_1`` ... ``p4_2``) so weights
-  map one to one.
+  map one to one; ``unit``, ``c3_kernel`` and ``names`` make it torchvision's.
   """
 
   c1: int
@@ -70,19 +77,22 @@ class Inception(nn.Module):
   c4: int
   dtype: Dtype = jnp.float32
   kernels: str = 'auto'
+  unit: Any = Conv  # the conv unit class (``Conv``; torchvision's adds BatchNorm)
+  c3_kernel: int = 5  # branch 3's "5x5" (torchvision's GoogLeNet has 3x3 there)
+  names: tuple[str, ...] = ('p1_1', 'p2_1', 'p2_2', 'p3_1', 'p3_2', 'p4_2')
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = functools.partial(Conv, dtype=self.dtype, kernels=self.kernels)
-    first = [conv(self.c1, 1, name='p1_1'), conv(self.c2[0], 1, name='p2_1'),
-             conv(self.c3[0], 1, name='p3_1')]
+    conv, n = functools.partial(self.unit, dtype=self.dtype, kernels=self.kernels), self.names
+    first = [conv(self.c1, 1, name=n[0]), conv(self.c2[0], 1, name=n[1]),
+             conv(self.c3[0], 1, name=n[3])]
     # Branches 1-3 open with a 1x1 conv of x; ops may run the three as one matmul.
-    p1, p2, p3 = (nn.relu(y) for y in ops.conv_1x1_shared_input(
-        x, [c.weights(x.shape[-1]) for c in first], dtype=self.dtype, kernels=self.kernels))
+    p1, p2, p3 = (c.activate(y) for c, y in zip(first, ops.conv_1x1_shared_input(
+        x, [c.weights(x.shape[-1]) for c in first], dtype=self.dtype, kernels=self.kernels)))
     # Path 1: 1x1. Path 2: 1x1 then 3x3. Path 3: 1x1 then 5x5. Path 4: 3x3 max-pool then 1x1.
-    p2 = nn.relu(conv(self.c2[1], 3, name='p2_2')(p2))
-    p3 = nn.relu(conv(self.c3[1], 5, name='p3_2')(p3))
-    p4 = nn.relu(conv(self.c4, 1, name='p4_2')(ops.max_pool_3x3(x, 1, self.kernels)))
+    p2 = conv(self.c2[1], 3, name=n[2])(p2)
+    p3 = conv(self.c3[1], self.c3_kernel, name=n[4])(p3)
+    p4 = conv(self.c4, 1, name=n[5])(ops.max_pool_3x3(x, 1, self.kernels))
     return jnp.concatenate([p1, p2, p3, p4], axis=-1)
 
 
@@ -97,10 +107,9 @@ class Stem(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     conv = functools.partial(Conv, dtype=self.dtype, kernels=self.kernels)
     if self.stage == 1:
-      x = nn.relu(conv(64, 7, stride=2, name='conv')(x))
+      x = conv(64, 7, stride=2, name='conv')(x)
     else:
-      x = nn.relu(conv(64, 1, name='conv1')(x))
-      x = nn.relu(conv(192, 3, name='conv2')(x))
+      x = conv(192, 3, name='conv2')(conv(64, 1, name='conv1')(x))
     return ops.max_pool_3x3(x, 2, self.kernels)
 
 
@@ -134,24 +143,24 @@ class AuxHead(nn.Module):
 
   Dropout masks are drawn per example from ``example_keys`` rather than from a
   module RNG stream, so the mask an example gets does not depend on how the
-  batch is split across devices.
+  batch is split across devices. ``channels_first``: flatten in NCHW order, as
+  torchvision does, so that ``fc1``'s weight maps one to one.
   """
 
   num_classes: int
   dropout_rate: float = 0.7
   dtype: Dtype = jnp.float32
   kernels: str = 'auto'
+  unit: Any = Conv
+  channels_first: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, example_keys: jax.Array | None) -> jax.Array:
     x = ops.adaptive_avg_pool(x, 4)
-    x = nn.relu(Conv(128, 1, dtype=self.dtype, kernels=self.kernels, name='conv')(x))
-    x = x.reshape((x.shape[0], -1))
+    x = self.unit(128, 1, dtype=self.dtype, kernels=self.kernels, name='conv')(x)
+    x = (x.transpose(0, 3, 1, 2) if self.channels_first else x).reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(1024, kernel_init=xavier_uniform, dtype=self.dtype, name='fc1')(x))
-    if example_keys is not None and self.dropout_rate > 0:
-      keep = 1.0 - self.dropout_rate
-      mask = jax.vmap(lambda k: jax.random.bernoulli(k, keep, x.shape[1:]))(example_keys)
-      x = jnp.where(mask, x / keep, 0).astype(x.dtype)
+    x = ops.dropout(x, self.dropout_rate, example_keys)
     return nn.Dense(self.num_classes, kernel_init=xavier_uniform, dtype=self.dtype, name='fc2')(x)
 
 

@@ -136,6 +136,38 @@ def max_pool_3x3(x: jax.Array, stride: int, kernels: str = 'auto') -> jax.Array:
                                (1, stride, stride, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
+def pool_output_size(size: int, window: int, stride: int, padding: int = 0,
+                     ceil_mode: bool = False) -> int:
+  """PyTorch's pooled length: ``nn.MaxPool2d``'s formula, with ``ceil_mode``'s exception.
+
+  In ceil mode the last window may hang over the padded end, but it must start
+  inside the input or its left padding, or PyTorch drops it.
+  """
+  span = size + 2 * padding - window
+  out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+  if ceil_mode and (out - 1) * stride >= size + padding:
+    out -= 1
+  return out
+
+
+def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0, *,
+             ceil_mode: bool = False) -> jax.Array:
+  """``nn.MaxPool2d(window, stride, padding, ceil_mode=...)`` for NHWC, any input size.
+
+  Explicit -inf padding: ``padding`` on both sides, and on the far side as much
+  more as the windows that ceil mode adds reach (Flax's 'SAME' agrees with
+  neither PyTorch mode on odd sizes). XLA's ``reduce_window``, so every
+  transformation works.
+  """
+  pads = [(0, 0)]
+  for size in x.shape[1:3]:
+    out = pool_output_size(size, window, stride, padding, ceil_mode)
+    pads.append((padding, (out - 1) * stride + window - size - padding))
+  pads.append((0, 0))
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
+                               (1, stride, stride, 1), pads)
+
+
 # ----------------------------------------------------------------------------- convolution
 
 
@@ -201,18 +233,22 @@ def _live_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return kernel[kh // 2 - live_h:kh // 2 + live_h + 1, kw // 2 - live_w:kw // 2 + live_w + 1]
 
 
-def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, stride: int = 1,
+def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, *, stride: int = 1,
          dtype=jnp.float32, kernels: str = 'auto') -> jax.Array:
-  """``nn.Conv`` with padding ``k // 2`` (PyTorch's ``padding=k // 2``): NHWC x HWIO + bias."""
-  x, kernel, bias = (a.astype(dtype) for a in (x, kernel, bias))
+  """``nn.Conv`` with padding ``k // 2`` (PyTorch's ``padding=k // 2``): NHWC x HWIO + bias.
+
+  ``bias=None``: no bias (a convolution followed by BatchNorm).
+  """
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
   if stride != 1 or resolve(kernels) == 'xla':
-    return _lax_conv(x, kernel, stride) + bias
-  kernel = _live_taps(x, kernel)
-  if kernel.shape[:2] == (1, 1):
-    y = jnp.einsum('nhwc,co->nhwo', x, kernel[0, 0])  # a 1x1 conv is a matmul
+    y = _lax_conv(x, kernel, stride)
   else:
-    y = _conv_same_custom(x, kernel)
-  return y + bias
+    kernel = _live_taps(x, kernel)
+    if kernel.shape[:2] == (1, 1):
+      y = jnp.einsum('nhwc,co->nhwo', x, kernel[0, 0])  # a 1x1 conv is a matmul
+    else:
+      y = _conv_same_custom(x, kernel)
+  return y if bias is None else y + bias.astype(dtype)
 
 
 def conv_1x1_shared_input(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]], *,
@@ -225,7 +261,7 @@ def conv_1x1_shared_input(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.A
   if resolve(kernels) == 'xla':
     return [conv(x, k, b, dtype=dtype, kernels='xla') for k, b in weights]
   kernel = jnp.concatenate([k for k, _ in weights], axis=-1)
-  bias = jnp.concatenate([b for _, b in weights], axis=-1)
+  bias = None if weights[0][1] is None else jnp.concatenate([b for _, b in weights], axis=-1)
   y = conv(x, kernel, bias, dtype=dtype, kernels='custom')
   splits, total = [], 0
   for k, _ in weights[:-1]:
@@ -252,3 +288,21 @@ def adaptive_avg_pool(x: jax.Array, out: int) -> jax.Array:
     return jnp.concatenate(parts, axis=axis)
 
   return pool_axis(pool_axis(x, 1), 2)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+def dropout(x: jax.Array, rate: float, example_keys: jax.Array | None) -> jax.Array:
+  """Inverted dropout whose mask for example ``i`` comes from ``example_keys[i]`` alone.
+
+  Not Flax's ``nn.Dropout`` (one 'dropout' key per call): a per-example key
+  makes an example's mask independent of how the batch is split across
+  devices, so 1 and 4 devices train alike. ``example_keys=None`` (evaluation)
+  or ``rate=0`` leaves ``x`` unchanged.
+  """
+  if example_keys is None or rate <= 0:
+    return x
+  keep = 1.0 - rate
+  mask = jax.vmap(lambda k: jax.random.bernoulli(k, keep, x.shape[1:]))(example_keys)
+  return jnp.where(mask, x / keep, 0).astype(x.dtype)

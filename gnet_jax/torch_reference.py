@@ -8,9 +8,16 @@ keys are therefore exactly those of a model trained with the book's code.
 Part of the package so that tests, benchmarks and users import it from one place
 (``from gnet_jax import torch_reference``); it needs PyTorch, and nothing else in
 ``gnet_jax`` imports it.
+
+``torchvision_models`` loads torchvision's own model code (its GoogLeNet, the
+reference for ``gnet_jax.inception_v1``) even where ``import torchvision`` fails.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import sys
+import types
 
 import torch
 from torch import nn
@@ -87,6 +94,33 @@ def shape_table(net: nn.Sequential, in_channels: int = 1,
 def print_shape_table(net: nn.Sequential, in_channels: int = 1, size: int = 96) -> None:
   for name, shape in shape_table(net, in_channels, size):
     print(f'{name} output shape:\t{shape}')
+
+
+def torchvision_models() -> types.ModuleType:
+  """``torchvision.models``, loaded without torchvision's C extension.
+
+  The registry's ``torchvision==0.28.0`` (the match for ``torch==2.13.0``) is a
+  CUDA build: ``import torchvision`` fails beside a CPU torch (``operator
+  torchvision::nms does not exist``), because its package ``__init__`` loads the
+  extension. Its model and transform code is plain Python that needs none of it,
+  so an empty ``torchvision`` package over the installed folder is registered
+  first (unless torchvision is imported already) and ``torchvision.models``
+  (and ``torchvision.transforms``) import from that. Install it without letting
+  pip replace the CPU torch: ``pip install --no-deps torchvision==0.28.0``.
+  """
+  if 'torchvision' not in sys.modules:
+    spec = importlib.util.find_spec('torchvision')
+    if spec is None or not spec.submodule_search_locations:
+      raise ModuleNotFoundError(
+          'torchvision is not installed; beside torch==2.13.0 install its match without '
+          'letting pip replace torch: pip install --no-deps torchvision==0.28.0')
+    package = types.ModuleType('torchvision')
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    sys.modules['torchvision'] = package
+  import torchvision.models  # pylint: disable=import-outside-toplevel
+  import torchvision.transforms  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  return torchvision.models
 
 
 if __name__ == '__main__':

@@ -155,3 +155,40 @@ def test_adaptive_avg_pool_matches_pytorch_bins():
   xs = np.asarray(x[0, :, :, 0])
   assert float(out[0, 1, 1, 0]) == pytest.approx(xs[1:3, 0:2].mean())
   assert float(out[0, 3, 3, 0]) == pytest.approx(xs[3:5, 2:3].mean())
+
+
+@pytest.mark.parametrize('window, stride, padding, ceil_mode', [
+    (3, 2, 0, True), (2, 2, 0, True), (3, 1, 1, True), (3, 2, 1, False), (2, 2, 1, True)])
+def test_max_pool_is_pytorchs_in_both_modes(window, stride, padding, ceil_mode):
+  """Values and gradient of ``nn.MaxPool2d`` on even and odd sizes; (2, 2, 1, ceil) at 5 is
+  the case where PyTorch drops a last window that would start in the right padding."""
+  import torch  # pylint: disable=import-outside-toplevel
+  for size in (5, 6, 7, 14, 15):
+    x = np.random.default_rng(size).normal(size=(2, size, size + 1, 3)).astype(np.float32)
+    g_shape = (2, ops.pool_output_size(size, window, stride, padding, ceil_mode),
+               ops.pool_output_size(size + 1, window, stride, padding, ceil_mode), 3)
+    g = np.random.default_rng(size + 1).normal(size=g_shape).astype(np.float32)
+    y, vjp = jax.vjp(lambda v: ops.max_pool(v, window, stride, padding, ceil_mode=ceil_mode),
+                     jnp.asarray(x))
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    yt = torch.nn.functional.max_pool2d(xt, window, stride, padding, ceil_mode=ceil_mode)
+    yt.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
+    np.testing.assert_array_equal(y, yt.detach().numpy().transpose(0, 2, 3, 1), err_msg=size)
+    np.testing.assert_array_equal(vjp(jnp.asarray(g))[0], xt.grad.numpy().transpose(0, 2, 3, 1))
+  assert ops.pool_output_size(5, 2, 2, 1, ceil_mode=True) == 3  # not (5 + 2 - 2 + 1) // 2 + 1
+
+
+def test_max_pool_stride_1_padding_1_is_max_pool_3x3():
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
+  np.testing.assert_array_equal(ops.max_pool(x, 3, 1, 1, ceil_mode=True),
+                                ops.max_pool_3x3(x, 1, 'xla'))
+
+
+def test_dropout_mask_follows_the_examples_key_alone():
+  x = jnp.ones((3, 4, 5))
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(3))
+  y = ops.dropout(x, 0.5, keys)
+  assert set(np.unique(np.asarray(y))) == {0.0, 2.0}  # kept values scaled by 1 / keep
+  np.testing.assert_array_equal(ops.dropout(x[1:], 0.5, keys[1:]), y[1:])  # batch split
+  assert not np.array_equal(y[0], y[1])
+  assert ops.dropout(x, 0.5, None) is x and ops.dropout(x, 0.0, keys) is x
