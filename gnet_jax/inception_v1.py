@@ -143,10 +143,10 @@ class InceptionV1(nn.Module):
   training (``train=True``) BatchNorm normalises with the batch's statistics
   and updates ``batch_stats`` (apply with ``mutable=['batch_stats']``);
   otherwise it uses them. Dropout (0.2 before the classifier, 0.7 in the aux
-  heads) runs when ``example_keys`` (one key per example, as for
-  ``models.GoogLeNet``) is given, so an example's masks do not depend on the
-  device count; without them (evaluation, or a deterministic training step)
-  there is none.
+  heads) runs in training when ``example_keys`` (one key per example, as for
+  ``models.GoogLeNet``) is given: per-example keys rather than Flax's 'dropout'
+  RNG, so an example's masks do not depend on how the batch is split across
+  devices. Without them there is none (a deterministic training step).
 
   Returns the logits, or with ``aux_logits`` in training ``(logits, [aux1,
   aux2])``: the d2l ``GoogLeNet``'s order (aux1 on 4a, aux2 on 4d), so the train
@@ -170,7 +170,7 @@ class InceptionV1(nn.Module):
                              axis_name=self.axis_name)
     inception = functools.partial(models.Inception, dtype=d, kernels=k, unit=conv, c3_kernel=3,
                                   names=BRANCHES)
-    keys = [None] * 3 if example_keys is None else [
+    keys = [None] * 3 if example_keys is None or not train else [  # one stream per dropout
         jax.vmap(lambda key, i=i: jax.random.fold_in(key, i))(example_keys) for i in range(3)]
     aux_heads = self.aux_logits and (train or self.is_initializing())
     aux = functools.partial(models.AuxHead, self.num_classes, self.aux_dropout_rate, d, k,
@@ -226,9 +226,10 @@ def state_dict_shapes(num_classes: int = 1000, aux_logits: bool = True
   basic_conv('conv3', 192, 64, 3)
   channels, taps = 192, {}
   for block, (c1, c2, c3, c4) in BLOCKS.items():
-    for torch_name, out, inp, k in (('branch1', c1, channels, 1), ('branch2.0', c2[0], channels, 1),
-                                    ('branch2.1', c2[1], c2[0], 3), ('branch3.0', c3[0], channels, 1),
-                                    ('branch3.1', c3[1], c3[0], 3), ('branch4.1', c4, channels, 1)):
+    for torch_name, out, inp, k in (
+        ('branch1', c1, channels, 1), ('branch2.0', c2[0], channels, 1),
+        ('branch2.1', c2[1], c2[0], 3), ('branch3.0', c3[0], channels, 1),
+        ('branch3.1', c3[1], c3[0], 3), ('branch4.1', c4, channels, 1)):
       basic_conv(f'{block}.{torch_name}', out, inp, k)
     channels = c1 + c2[1] + c3[1] + c4
     taps[block] = channels

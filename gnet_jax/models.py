@@ -1,9 +1,10 @@
 """GoogLeNet (the compact Inception network of *Dive into Deep Learning*) in Flax linen.
 
 Modules only, NHWC throughout; ``Inception`` and ``AuxHead`` also serve
-torchvision's GoogLeNet (``gnet_jax.inception_v1``) with its conv unit. The pooling and convolution arithmetic lives in
-``gnet_jax.ops`` (``kernels`` picks XLA's stock ops or the hand-written CPU
-forms); initial weights come from ``gnet_jax.state.init_params``.
+torchvision's GoogLeNet (``gnet_jax.inception_v1``) with its conv unit. The
+pooling and convolution arithmetic lives in ``gnet_jax.ops`` (``kernels`` picks
+XLA's stock ops or the hand-written CPU forms); initial weights come from
+``gnet_jax.state.init_params``.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def test_eval_logits_equal_torchvisions(net, variables, size, transform):
 
 def torch_train(net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
                 step: bool) -> dict:
-  """torchvision's network in training mode (dropout off): outputs, and with ``step`` one SGD step."""
+  """torchvision's network in training mode, dropout off: outputs, and with ``step`` an SGD step."""
   net.train()
   for m in net.modules():
     if isinstance(m, torch.nn.Dropout):
@@ -257,7 +257,7 @@ def test_import_then_export_loads_strictly_with_identical_logits(aux_logits):
 
 
 def test_import_without_num_batches_tracked_and_other_class_counts():
-  """Files from before PyTorch 0.4.1 lack ``num_batches_tracked``; the class count is read off fc."""
+  """Files from before PyTorch 0.4.1 lack ``num_batches_tracked``; fc gives the class count."""
   state_dict = tv.googlenet(weights=None, aux_logits=False, num_classes=7,
                             init_weights=False).state_dict()
   old = {k: v for k, v in state_dict.items() if not k.endswith('num_batches_tracked')}
@@ -332,3 +332,21 @@ def test_imagenet_classes_are_torchvisions():
   names = inception_v1.imagenet_classes()
   assert names == tuple(tv.GoogLeNet_Weights.IMAGENET1K_V1.meta['categories'])
   assert len(names) == 1000 and names[0] == 'tench'
+
+
+def test_dropout_runs_in_training_with_example_keys_only():
+  """Three dropouts (head, aux1, aux2) drawn from the example keys when training; none in
+  evaluation. Read off the traced program (no compile); ``ops.dropout``'s masks are tested in
+  test_ops.py."""
+  model = inception_v1.InceptionV1(num_classes=5)
+  x = jnp.zeros((2, 32, 32, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(1), x)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(2), i))(jnp.arange(2))
+
+  def draws(keys, train):
+    program = jax.make_jaxpr(lambda v, k: model.apply(v, x, train=train, example_keys=k,
+                                                      mutable=['batch_stats']))(variables, keys)
+    return str(program).count('name=_bernoulli')
+
+  assert draws(keys, train=True) == 3
+  assert draws(None, train=True) == draws(keys, train=False) == 0
