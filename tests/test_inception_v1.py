@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 
-from gnet_jax import inception_v1, models, torch_reference
-from gnet_jax.errors import StateDictError
+torch = pytest.importorskip('torch')  # the suite runs without PyTorch too (README)
 
-tv = torch_reference.torchvision_models()
+from gnet_jax import inception_v1, models, torch_reference  # noqa: E402
+from gnet_jax.errors import StateDictError  # noqa: E402
+
+tv = torch_reference.torchvision_models()  # needs torchvision==0.28.0 (the test extra)
 SMALL = 97
 AUX_WEIGHT = 0.3
 LEARNING_RATE = 0.1
