@@ -71,9 +71,9 @@ def variables(net):
 
 
 @functools.cache
-def evaluate(transform: bool):
+def evaluate(transform: bool, kernels: str = 'auto'):
   """A compiled eval-mode forward pass, shared across tests (one compile per input shape)."""
-  return jax.jit(inception_v1.InceptionV1(transform_input=transform).apply)
+  return jax.jit(inception_v1.InceptionV1(transform_input=transform, kernels=kernels).apply)
 
 
 def test_parameter_tree_is_torchvisions(net, variables):
@@ -99,6 +99,24 @@ def test_eval_logits_equal_torchvisions(net, variables, size, transform):
   net.transform_input = False
   got = evaluate(transform)(variables, nhwc(x))
   assert_close(got, want, what=f'{size}x{size} transform_input={transform}')
+
+
+def test_eval_logits_with_xlas_stock_kernels(net, variables):
+  """``kernels='xla'``, what accelerators run (``auto`` is ``custom`` on this CPU)."""
+  x = torch.randn(2, 3, SMALL, SMALL, generator=torch.Generator().manual_seed(5))
+  with torch.no_grad():
+    want = net(x).numpy()
+  assert_close(evaluate(False, 'xla')(variables, nhwc(x)), want)
+
+
+def test_bfloat16_keeps_batchnorm_statistics_in_float32():
+  model = inception_v1.InceptionV1(dtype=jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  (logits, aux), updates = jax.eval_shape(
+      lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']), variables, x)
+  assert logits.dtype == aux[0].dtype == jnp.float32
+  assert {leaf.dtype for leaf in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
 
 
 def torch_train(net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
