@@ -37,6 +37,10 @@ Dtype = Any
 BLOCKS = dict(zip(('inception3a', 'inception3b', 'inception4a', 'inception4b', 'inception4c',
                    'inception4d', 'inception4e', 'inception5a', 'inception5b'),
                   models.B3_BLOCKS + models.B4_BLOCKS + models.B5_BLOCKS))
+# The top-level layers in the order the input passes them (the aux heads branch off after
+# inception4a and inception4d): for "train from this layer onwards".
+LAYERS = ('conv1', 'conv2', 'conv3', *BLOCKS, 'fc')
+AUX_HEADS = ('aux1', 'aux2')
 # The six convolutions of a torchvision Inception block, as Flax names (``branch2.0`` ->
 # ``branch2_0``: a Flax name has no dots), in ``models.Inception``'s order.
 BRANCHES = ('branch1', 'branch2_0', 'branch2_1', 'branch3_0', 'branch3_1', 'branch4_1')
@@ -147,6 +151,9 @@ class InceptionV1(nn.Module):
   ``models.GoogLeNet``) is given: per-example keys rather than Flax's 'dropout'
   RNG, so an example's masks do not depend on how the batch is split across
   devices. Without them there is none (a deterministic training step).
+  ``frozen_batch_stats`` names top-level layers (``LAYERS``, ``AUX_HEADS``)
+  whose BatchNorms use and keep their running statistics in training too, as
+  torchvision's layers put in ``eval()`` mode (fine-tuning with frozen layers).
 
   Returns the logits, or with ``aux_logits`` in training ``(logits, [aux1,
   aux2])``: the d2l ``GoogLeNet``'s order (aux1 on 4a, aux2 on 4d), so the train
@@ -161,41 +168,56 @@ class InceptionV1(nn.Module):
   axis_name: str | None = None  # see BatchNorm
   dtype: Dtype = jnp.float32
   kernels: str = 'auto'  # see gnet_jax.ops
+  frozen_batch_stats: tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
                example_keys: jax.Array | None = None):
     d, k = self.dtype, self.kernels
-    conv = functools.partial(BasicConv, dtype=d, kernels=k, use_running_average=not train,
-                             axis_name=self.axis_name)
-    inception = functools.partial(models.Inception, dtype=d, kernels=k, unit=conv, c3_kernel=3,
-                                  names=BRANCHES)
+    unknown = sorted(set(self.frozen_batch_stats) - set(LAYERS + AUX_HEADS))
+    if unknown:
+      raise ValueError(f'frozen_batch_stats names no layer: {unknown}; the layers are '
+                       f'{", ".join(LAYERS + AUX_HEADS)}')
+
+    def unit(layer: str):  # the conv unit of a top-level layer: its BatchNorm trains unless frozen
+      return functools.partial(BasicConv, dtype=d, kernels=k, axis_name=self.axis_name,
+                               use_running_average=not train or layer in self.frozen_batch_stats)
+
+    def conv(features: int, kernel_size: int, layer: str, stride: int = 1) -> BasicConv:
+      return unit(layer)(features, kernel_size, stride, name=layer)
+
+    def inception(layer: str) -> models.Inception:
+      return models.Inception(*BLOCKS[layer], d, k, unit=unit(layer), c3_kernel=3, names=BRANCHES,
+                              name=layer)
+
+    def aux(layer: str) -> models.AuxHead:
+      return models.AuxHead(self.num_classes, self.aux_dropout_rate, d, k, unit=unit(layer),
+                            channels_first=True, name=layer)
+
     keys = [None] * 3 if example_keys is None or not train else [  # one stream per dropout
         jax.vmap(lambda key, i=i: jax.random.fold_in(key, i))(example_keys) for i in range(3)]
     aux_heads = self.aux_logits and (train or self.is_initializing())
-    aux = functools.partial(models.AuxHead, self.num_classes, self.aux_dropout_rate, d, k,
-                            unit=conv, channels_first=True)
     x = x.astype(d)
     if self.transform_input:
       x = transform_input(x)
-    x = conv(64, 7, stride=2, name='conv1')(x)
+    x = conv(64, 7, 'conv1', stride=2)(x)
     x = ops.max_pool(x, 3, 2, ceil_mode=True)
-    x = conv(64, 1, name='conv2')(x)
-    x = conv(192, 3, name='conv3')(x)
+    x = conv(64, 1, 'conv2')(x)
+    x = conv(192, 3, 'conv3')(x)
     x = ops.max_pool(x, 3, 2, ceil_mode=True)
-    x = inception(*BLOCKS['inception3a'], name='inception3a')(x)
-    x = inception(*BLOCKS['inception3b'], name='inception3b')(x)
+    x = inception('inception3a')(x)
+    x = inception('inception3b')(x)
     x = ops.max_pool(x, 3, 2, ceil_mode=True)
-    x = inception(*BLOCKS['inception4a'], name='inception4a')(x)
-    aux1 = aux(name='aux1')(x, keys[1]) if aux_heads else None
-    x = inception(*BLOCKS['inception4b'], name='inception4b')(x)
-    x = inception(*BLOCKS['inception4c'], name='inception4c')(x)
-    x = inception(*BLOCKS['inception4d'], name='inception4d')(x)
-    aux2 = aux(name='aux2')(x, keys[2]) if aux_heads else None
-    x = inception(*BLOCKS['inception4e'], name='inception4e')(x)
+    x = inception('inception4a')(x)
+    aux1 = aux('aux1')(x, keys[1]) if aux_heads else None
+    x = inception('inception4b')(x)
+    x = inception('inception4c')(x)
+    x = inception('inception4d')(x)
+    aux2 = aux('aux2')(x, keys[2]) if aux_heads else None
+    x = inception('inception4e')(x)
     x = ops.max_pool(x, 2, 2, ceil_mode=True)
-    x = inception(*BLOCKS['inception5a'], name='inception5a')(x)
-    x = inception(*BLOCKS['inception5b'], name='inception5b')(x)
+    x = inception('inception5a')(x)
+    x = inception('inception5b')(x)
     x = ops.dropout(jnp.mean(x, axis=(1, 2)), self.dropout_rate, keys[0])
     out = jnp.promote_types(d, jnp.float32)  # logits in float32 (float64 for a float64 model)
     logits = nn.Dense(self.num_classes, dtype=d, name='fc')(x).astype(out)

@@ -120,9 +120,14 @@ def test_bfloat16_keeps_batchnorm_statistics_in_float32():
 
 
 def torch_train(net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
-                step: bool) -> dict:
-  """torchvision's network in training mode, dropout off: outputs, and with ``step`` an SGD step."""
+                step: bool, frozen: tuple[str, ...] = ()) -> dict:
+  """torchvision's network in training mode, dropout off: outputs, and with ``step`` an SGD step.
+
+  The layers in ``frozen`` are in eval mode: their BatchNorms use and keep their statistics.
+  """
   net.train()
+  for layer in frozen:
+    getattr(net, layer).eval()
   for m in net.modules():
     if isinstance(m, torch.nn.Dropout):
       m.p = 0.0
@@ -141,9 +146,10 @@ def torch_train(net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
           'outputs': [t.detach().numpy() for t in (loss, logits, aux1, aux2)]}
 
 
-def flax_train(dtype, variables: dict, x: jax.Array, labels: jax.Array, step: bool):
+def flax_train(dtype, variables: dict, x: jax.Array, labels: jax.Array, step: bool,
+               frozen: tuple[str, ...] = ()):
   """``InceptionV1`` the same way: (outputs, gradients, variables after the step)."""
-  model = inception_v1.InceptionV1(dtype=dtype)
+  model = inception_v1.InceptionV1(dtype=dtype, frozen_batch_stats=frozen)
   tx = optax.sgd(LEARNING_RATE)
 
   def loss_fn(params):
@@ -168,14 +174,19 @@ def train_batch(seed: int):
   return x, torch.tensor([3, 997])
 
 
+FROZEN = ('conv2', 'inception4c', 'aux2')
+
+
 @pytest.fixture(scope='module')
 def float32_train():
-  """Training-mode forward pass (batch statistics, running statistics updated) in float32."""
+  """Training-mode forward pass (batch statistics, running statistics updated) in float32,
+  with the BatchNorms of ``FROZEN`` on their running statistics (torch: those layers in eval)."""
   net = randomized_googlenet(seed=1)
   x, labels = train_batch(1)
-  want = torch_train(net, x, labels, step=False)
+  want = torch_train(net, x, labels, step=False, frozen=FROZEN)
   variables = inception_v1.variables_from_torchvision(want['before'])
-  got = flax_train(jnp.float32, variables, nhwc(x), jnp.asarray(labels.numpy()), step=False)
+  got = flax_train(jnp.float32, variables, nhwc(x), jnp.asarray(labels.numpy()), step=False,
+                   frozen=FROZEN)
   return want, jax.device_get(got)
 
 
@@ -211,12 +222,26 @@ def test_train_mode_outputs_equal_torchvisions(float32_train):
 
 
 def test_running_statistics_equal_torchvisions(float32_train):
-  """The running mean and the *unbiased* running variance after a training-mode pass."""
+  """The running mean and the *unbiased* running variance after a training-mode pass;
+  the frozen layers' statistics bit for bit unchanged."""
   want, got = float32_train
   after = inception_v1.variables_to_torchvision(got[2], numpy=True)
+  frozen = 0
   for name in want['after']:
     if name.endswith(('running_mean', 'running_var')):
       assert_close(after[name], want['after'][name].numpy(), what=name)
+      if name.startswith(FROZEN):
+        np.testing.assert_array_equal(after[name], want['before'][name].numpy(), err_msg=name)
+        frozen += 1
+      else:
+        assert not np.array_equal(after[name], want['before'][name].numpy()), name
+  assert frozen == 2 * (1 + 6 + 1)  # conv2, inception4c's six, aux2's conv
+
+
+def test_frozen_batch_stats_must_name_layers():
+  model = inception_v1.InceptionV1(frozen_batch_stats=('inception4f',))
+  with pytest.raises(ValueError, match=r"names no layer: \['inception4f'\]"):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
 
 def test_flax_batchnorm_would_store_the_biased_variance(float32_train):
