@@ -188,7 +188,6 @@ class JaxBench:
     import jax
     self.jax, self.sizes = jax, sizes
     self.device, self.host = jax.devices()[0], jax.devices('cpu')[0]
-    self.host_state = None  # built once: the parameters do not depend on size or dtype
     self.compiled: dict[tuple, tuple] = {}
     self.sgd_runs: dict[tuple, dict] = {}
     self.step_results: dict[str, dict] = {}
@@ -199,12 +198,6 @@ class JaxBench:
     if event == '/jax/compilation_cache/cache_hits':
       self.cache_hits += 1
 
-  def _steps(self, size: int, batch: int, dtype: str, kernels: str, devices=None):
-    steps = harness.JaxSteps.build(harness.gnet_config(size, batch, dtype, kernels),
-                                   host_state=self.host_state, devices=devices)
-    self.host_state = steps.host_state
-    return steps
-
   def _compiled(self, size: int, batch: int, dtype: str, kernels: str, on_host: bool = False):
     """(steps, compiled train step, compile seconds), compiled once per shape and device.
 
@@ -214,7 +207,8 @@ class JaxBench:
     precise = self.device.platform != 'cpu'
     key = (size, batch, dtype, kernels, on_host, precise and dtype == 'float32')
     if key not in self.compiled:
-      steps = self._steps(size, batch, dtype, kernels, [self.host] if on_host else None)
+      steps = harness.JaxSteps.build(harness.gnet_config(size, batch, dtype, kernels),
+                                     devices=[self.host] if on_host else None)
       with self.jax.default_matmul_precision('highest' if key[-1] else None):
         self.compiled[key] = (steps, *steps.compile())
     return self.compiled[key]
@@ -238,25 +232,17 @@ class JaxBench:
             'float32_mode': rounding_mode(errors),
             'flops': {str(s): harness.model_flops(s) for s in self.sizes}}
 
-  def _one_step(self, steps, compiled, seed: int) -> dict:
-    """One train step from the initial state: the batch's loss and the parameter update."""
-    import numpy as np
-    end = steps.runner.to_host(compiled(steps.state(), steps.batch(seed)))
-    return {'loss': float(end.metrics['loss_sum']) / float(end.metrics['count']),
-            'update': self.jax.tree.map(lambda new, old: np.asarray(new) - np.asarray(old),
-                                        end.params, steps.host_state.params)}
-
   def step_check(self, req: dict) -> dict:
     """float32 train step: device against host CPU (not applicable on a CPU), then custom vs xla."""
     size, batch, kernels = req['size'], req['batch'], req['kernels']
-    got = self._one_step(*self._compiled(size, batch, 'float32', kernels)[:2], seed=1)
+    got = self._sgd_run(*self._compiled(size, batch, 'float32', kernels)[:2], 1, seed=1)
     self.step_results[kernels] = got
     name = 'float32 train step (loss, update): device vs host CPU'
     if self.device.platform == 'cpu':
       checks = [{'check': name, 'kernels': kernels, 'status': 'n/a',
                  'note': 'the device is the host CPU: nothing to compare'}]
     else:
-      ref = self._one_step(*self._compiled(size, batch, 'float32', kernels, True)[:2], seed=1)
+      ref = self._sgd_run(*self._compiled(size, batch, 'float32', kernels, True)[:2], 1, seed=1)
       checks = [compare_steps(name, kernels, got, ref)]
     if set(self.step_results) == set(KERNEL_SETS):
       checks.append(compare_steps('float32 train step: kernels=custom vs xla, device', 'custom',
@@ -277,12 +263,13 @@ class JaxBench:
         update_err=tree_rel_norm(bf16['update'], f32['update']), worst_leaf=leaf,
         worst_leaf_err=leaf_err, loss_float32=f32['loss'], loss_bfloat16=bf16['loss'])]}
 
-  def _sgd_run(self, steps, compiled, count: int) -> dict:
-    """``count`` SGD steps on fixed random batches: mean loss and the parameter update."""
+  def _sgd_run(self, steps, compiled, count: int, seed: int = 10) -> dict:
+    """``count`` SGD steps from the initial state on fixed random batches: their mean loss
+    and the parameter update."""
     import numpy as np
     state = steps.state()
     for i in range(count):
-      state = compiled(state, steps.batch(seed=10 + i))
+      state = compiled(state, steps.batch(seed=seed + i))
     end = steps.runner.to_host(state)
     return {'loss': float(end.metrics['loss_sum']) / float(end.metrics['count']),
             'update': self.jax.tree.map(lambda new, old: np.asarray(new) - np.asarray(old),

@@ -318,14 +318,17 @@ class JaxSteps:
   ops: Any = None
 
   @classmethod
-  def build(cls, config, ops=None, host_state=None, devices: list | None = None) -> JaxSteps:
-    """Steps for ``config`` (one of ``gnet_config``), on ``devices`` (default: JAX's first)."""
+  def build(cls, config, ops=None, devices: list | None = None) -> JaxSteps:
+    """Steps for ``config`` (one of ``gnet_config``), on ``devices`` (default: JAX's first).
+
+    The initial state depends only on the config's seed (``state.init_params``
+    seeds each parameter by its path), so steps built for other sizes, dtypes
+    or devices start from the same parameters.
+    """
     from gnet_jax import input_pipeline, parallel, state as state_lib, train
     spec = input_pipeline.dataset_spec(config.dataset)
     runner = parallel.make_runner(config, devices)
-    model, tx = state_lib.create_model(config, spec), state_lib.create_optimizer(config)
-    if host_state is None:
-      host_state = state_lib.create_train_state(config, spec, model, tx)
+    model, tx, host_state = state_lib.build(config, spec)
     return cls(config, runner, model, tx, host_state,
                train.make_train_step(runner, model, tx, config, spec),
                train.compile_eval(runner, model, config.image_size, spec), ops)

@@ -1,6 +1,7 @@
 """``python -m benchmarks.replay``: a run's steps retraced from a checkpoint, in gnet-jax and in PyTorch."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -50,8 +51,12 @@ def test_jax_replay_retraces_the_run_bit_for_bit(run, tmp_path, capsys):
 
 
 def git(folder: Path, *args: str) -> str:
-  return subprocess.run(['git', '-C', str(folder), '-c', 'user.name=t', '-c', 'user.email=t@t',
-                         *args], check=True, capture_output=True, text=True).stdout.strip()
+  """git in ``folder``'s own repository, whatever GIT_* variables the test run inherited (an
+  inherited GIT_DIR would send init, add and commit to another repository)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith('GIT_')}
+  return subprocess.run(['git', '--git-dir', str(folder / '.git'), '--work-tree', str(folder),
+                         '-c', 'user.name=t', '-c', 'user.email=t@t', *args], check=True,
+                        capture_output=True, text=True, env=env).stdout.strip()
 
 
 @pytest.fixture
@@ -60,7 +65,8 @@ def ops_history(tmp_path, monkeypatch):
   compute other values (``altered``); ``--ops-at`` reads it through ``GIT_DIR``."""
   repo = tmp_path / 'history'
   (repo / 'gnet_jax').mkdir(parents=True)
-  git(repo, 'init', '-q')
+  subprocess.run(['git', 'init', '-q', str(repo)], check=True, capture_output=True,
+                 env={k: v for k, v in os.environ.items() if not k.startswith('GIT_')})
   source = Path(ops.__file__).read_text()
   revs = {}
   for name, text in (('same', source), ('altered', source + ALTERED)):
