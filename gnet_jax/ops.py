@@ -162,6 +162,9 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0, *,
   pads = [(0, 0)]
   for size in x.shape[1:3]:
     out = pool_output_size(size, window, stride, padding, ceil_mode)
+    if out < 1:
+      raise ValueError(f'a {x.shape[1]}x{x.shape[2]} map is too small for a {window}x{window} '
+                       f'max-pool (stride {stride}, padding {padding}): no output, as in PyTorch')
     pads.append((padding, (out - 1) * stride + window - size - padding))
   pads.append((0, 0))
   return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),

@@ -176,6 +176,9 @@ def test_max_pool_is_pytorchs_in_both_modes(window, stride, padding, ceil_mode):
     np.testing.assert_array_equal(y, yt.detach().numpy().transpose(0, 2, 3, 1), err_msg=size)
     np.testing.assert_array_equal(vjp(jnp.asarray(g))[0], xt.grad.numpy().transpose(0, 2, 3, 1))
   assert ops.pool_output_size(5, 2, 2, 1, ceil_mode=True) == 3  # not (5 + 2 - 2 + 1) // 2 + 1
+  assert ops.max_pool(jnp.zeros((1, 2, 5, 1)), 3, 2, ceil_mode=True).shape == (1, 1, 2, 1)
+  with pytest.raises(ValueError, match='a 1x5 map is too small for a 3x3 max-pool'):
+    ops.max_pool(jnp.zeros((1, 1, 5, 1)), 3, 2, ceil_mode=True)
 
 
 def test_max_pool_stride_1_padding_1_is_max_pool_3x3():
