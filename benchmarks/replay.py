@@ -95,7 +95,7 @@ def replay_jax(workdir: str, ck, data, stop: int, check: set[int], evaluate: boo
   result = {'rows': rows, 'checks': checks}
   if evaluate:
     eval_fn = train.compile_eval(runner, model, config.image_size, spec)
-    test = train.evaluate(runner, eval_fn, state.params, data.test_images, data.test_labels,
+    test = train.evaluate(runner, eval_fn, state.variables, data.test_images, data.test_labels,
                           train.eval_batch_size(config, 1))
     result['test'] = {'loss': test['loss'], 'accuracy': test['accuracy']}
   return result

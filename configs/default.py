@@ -29,6 +29,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment_padding = 4
   config.augment_flip = False  # random horizontal flips
   # Model.
+  # 'd2l' (the book's GoogLeNet, gnet_jax/models.py) or 'inception_v1' (torchvision's
+  # GoogLeNet with BatchNorm, gnet_jax/inception_v1.py: the one ImageNet weights fit).
+  config.model = 'd2l'
+  # inception_v1: turn ImageNet-normalised input into (x - 0.5) / 0.5, as torchvision's
+  # pretrained GoogLeNet does (its weights were ported from TensorFlow).
+  config.transform_input = False
   config.aux_weight = 0.0  # > 0 adds GoogLeNet's two auxiliary heads to the training loss
   config.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
   # Pooling/conv kernels: 'auto' (hand-written on CPU, XLA's stock ops on GPU/TPU), 'xla' or

@@ -18,11 +18,12 @@ warning, newest first; nothing here ever deletes one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -213,8 +214,7 @@ def restore(manager: ocp.CheckpointManager, target: Any,
             f'the checkpoint at step {s} in {where} was made with a different config '
             f'({detail}); resume with the same values, or use a new --workdir')
     try:
-      restored = manager.restore(s, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target))).state
+      restored = _restore_state(manager, s, target)
       if int(restored.step) != s:
         raise ValueError(f'state says step {int(restored.step)}')
     except Exception as e:  # pylint: disable=broad-except
@@ -229,6 +229,33 @@ def restore(manager: ocp.CheckpointManager, target: Any,
   raise CheckpointError(
       f'no readable checkpoint in {where} (tried step(s) {", ".join(map(str, steps))}; '
       'see the warnings above); nothing was deleted: move the folder away to start afresh')
+
+
+def _restore_state(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
+  """The ``state`` item of ``step`` in ``target``'s structure.
+
+  A field of a dataclass ``target`` that the checkpoint lacks and that is empty
+  in ``target`` (``batch_stats`` of a network without BatchNorm, in a
+  checkpoint written before the field existed) keeps ``target``'s value: orbax
+  refuses a target with a key the checkpoint has not.
+  """
+  absent = []
+  if dataclasses.is_dataclass(target):
+    handler = ocp.StandardCheckpointHandler()  # the manager knows item handlers only once used
+    try:
+      saved = handler.metadata(Path(manager.directory) / str(step) / 'state').tree
+    finally:
+      handler.close()
+    absent = [f.name for f in dataclasses.fields(target) if isinstance(saved, Mapping)
+              and f.name not in saved and not jax.tree.leaves(getattr(target, f.name))]
+  if not absent:
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target))).state
+  fields = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)
+            if f.name not in absent}
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(fields))).state
+  return target.replace(**restored)
 
 
 def save_state(workdir: str | Path, state: Any, config: ml_collections.ConfigDict) -> Path:

@@ -75,6 +75,8 @@ RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     'augment_crop': _choice('none', 'pad', 'resized'),
     'augment_padding': _int(0, 256),
     'augment_flip': _bool(),
+    'model': _choice('d2l', 'inception_v1'),
+    'transform_input': _bool(),
     'aux_weight': _float(0.0),
     'dtype': _choice('float32', 'bfloat16'),
     'kernels': _choice('auto', 'xla', 'custom'),
@@ -150,6 +152,8 @@ BEFORE_KEY_EXISTED: dict[str, Any] = {
     'lr_decay_epochs': 30,  # unused with a constant rate
     'lr_decay_factor': 0.1,  # unused with a constant rate
     'weight_decay': 0.0,
+    'model': 'd2l',  # the only network
+    'transform_input': False,  # inception_v1's only; d2l has none
 }
 
 
@@ -188,6 +192,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.process_id >= config.num_processes:
     raise ConfigError(f'--config.process_id={config.process_id} is not allowed with '
                       f'num_processes {config.num_processes}; use 0 to {config.num_processes - 1}')
+  if config.transform_input and config.model != 'inception_v1':
+    raise ConfigError(f'--config.transform_input=True applies to inception_v1 (torchvision\'s '
+                      f'GoogLeNet); model {config.model} has no such step: leave it False or set '
+                      '--config.model=inception_v1')
   if config.optimizer == 'adam' and (config.momentum or config.nesterov):
     raise ConfigError('momentum and nesterov apply to sgd only; set --config.momentum=0 '
                       '--config.nesterov=False with --config.optimizer=adam')

@@ -55,10 +55,11 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None,
       {'batch_size': config.batch_size, 'parallelism': 'none', 'num_devices': 0}))
   model = state_lib.create_model(config, spec)
   eval_fn = train.compile_eval(runner, model, config.image_size, spec)
-  result = train.evaluate(runner, eval_fn, runner.put_state(state.params), data.test_images,
+  result = train.evaluate(runner, eval_fn, runner.put_state(state.variables), data.test_images,
                           data.test_labels, train.eval_batch_size(config, 1))
   images = data.test_images[:num_examples]
-  predict_fn = predict.make_predict_fn(model, state.params, config.image_size, spec.normalization)
+  predict_fn = predict.make_predict_fn(model, state.variables, config.image_size,
+                                       spec.normalization)
   examples = {'images': images, 'labels': np.asarray(data.test_labels[:num_examples]),
               'predictions': (predict_fn(images).argmax(-1) if len(images)
                               else np.zeros((0,), np.int64))}

@@ -117,7 +117,7 @@ class Runner:
     return self._compile(fn, True, **static)
 
   def eval_step_fn(self, fn: Callable, **static) -> Callable:
-    """``fn(params, batch, **static) -> sums`` compiled for this mode."""
+    """``fn(variables, batch, **static) -> sums`` compiled for this mode."""
     return self._compile(fn, False, **static)
 
 

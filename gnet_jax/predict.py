@@ -109,24 +109,25 @@ def _batch_size(n: int) -> int:
   return min(MAX_BATCH, 1 << max(0, n - 1).bit_length())
 
 
-def make_predict_fn(model: Any, params: Any, image_size: int,
+def make_predict_fn(model: Any, variables: Any, image_size: int,
                     normalization=None) -> Callable[[np.ndarray], np.ndarray]:
   """uint8 NHWC images -> softmax probabilities [N, classes], with one jitted forward pass.
 
   The same preprocessing as training (``input_pipeline.preprocess``), in fixed-size
   padded batches so that the number of images does not trigger recompiles.
+  ``variables``: ``state.variables`` (BatchNorm on its running statistics), or
+  a bare params tree for a network without them.
   """
   import jax
 
-  from gnet_jax import input_pipeline
+  from gnet_jax import input_pipeline, state as state_lib
 
   @jax.jit
-  def probabilities(params, images):
-    logits = model.apply({'params': params},
-                         input_pipeline.preprocess(images, image_size, normalization))
+  def probabilities(variables, images):
+    logits = model.apply(variables, input_pipeline.preprocess(images, image_size, normalization))
     return jax.nn.softmax(logits.astype(np.float32), axis=-1)
 
-  params = jax.device_put(params)
+  variables = jax.device_put(state_lib.model_variables(variables))
 
   def predict(images: np.ndarray) -> np.ndarray:
     out = []
@@ -135,7 +136,7 @@ def make_predict_fn(model: Any, params: Any, image_size: int,
       chunk = images[start:start + batch]
       padded = np.zeros((batch, *images.shape[1:]), np.uint8)
       padded[:len(chunk)] = chunk
-      out.append(np.asarray(probabilities(params, padded))[:len(chunk)])
+      out.append(np.asarray(probabilities(variables, padded))[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
   return predict
@@ -170,7 +171,7 @@ def predict_images(workdir: str | Path, paths: Sequence[str | os.PathLike],
   host_state, config, restored_step, spec = state_lib.load_checkpoint(workdir, step)
   xla_flags.enable_compilation_cache(config.compilation_cache)
   model = state_lib.create_model(config, spec)
-  predict = make_predict_fn(model, host_state.params, config.image_size, spec.normalization)
+  predict = make_predict_fn(model, host_state.variables, config.image_size, spec.normalization)
   probs = predict(np.stack([pixels for pixels, _ in loaded]))
   return [{'path': str(p), 'top': top_classes(row, spec.class_names), 'inverted': inverted,
            'step': restored_step}

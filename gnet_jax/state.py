@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax
 import flax.linen as nn
@@ -18,8 +18,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from gnet_jax import checkpoint, config as config_lib, input_pipeline, models
-from gnet_jax.errors import CheckpointError
+from gnet_jax import checkpoint, config as config_lib, inception_v1, input_pipeline, models
+from gnet_jax.errors import CheckpointError, ConfigError
 
 # Validated names (``config.RULES``) -> what they stand for.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -33,10 +33,13 @@ OPTIMIZERS = {
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a resumed run needs: params, optimizer, RNG and the epoch's running sums.
+  """Everything a resumed run needs: params, optimizer, RNG, BatchNorm statistics, the epoch's sums.
 
   ``metrics`` holds the current epoch's sums on device, so nothing is read back
   to the host per step and a checkpoint taken mid-epoch carries them along.
+  ``batch_stats`` is the model's running statistics (``inception_v1``'s
+  BatchNorm), updated by the train step; empty for the d2l network, which has
+  none (and for checkpoints written before the field existed).
   """
 
   step: jax.Array  # int32, global step count
@@ -44,6 +47,23 @@ class TrainState:
   opt_state: Any
   rng: jax.Array  # uint32[2] raw key data (checkpoint-friendly)
   metrics: dict[str, jax.Array]
+  batch_stats: Any = flax.struct.field(default_factory=dict)
+
+  @property
+  def variables(self) -> dict:
+    """What ``model.apply`` takes: ``{'params': ...}``, with ``'batch_stats'`` when there are any."""
+    return model_variables({'params': self.params, 'batch_stats': self.batch_stats})
+
+
+def model_variables(tree: Any) -> dict:
+  """``model.apply``'s variables from either a bare params tree or ``{'params', 'batch_stats'}``.
+
+  Evaluation and prediction take either, so callers holding only a network's
+  params (the d2l one has no other state) need not wrap them. Empty
+  collections are dropped.
+  """
+  variables = dict(tree) if isinstance(tree, Mapping) and 'params' in tree else {'params': tree}
+  return {k: v for k, v in variables.items() if k == 'params' or jax.tree.leaves(v)}
 
 
 def zero_metrics() -> dict[str, np.ndarray]:
@@ -52,11 +72,27 @@ def zero_metrics() -> dict[str, np.ndarray]:
           'nonfinite': np.int32(0), 'nonfinite_step': np.int32(0)}
 
 
-def create_model(config: ml_collections.ConfigDict,
-                 spec: input_pipeline.DatasetSpec) -> models.GoogLeNet:
-  """GoogLeNet for ``config`` (checked by ``config.validate``) and the dataset's classes."""
+def create_model(config: ml_collections.ConfigDict, spec: input_pipeline.DatasetSpec,
+                 axis_name: str | None = None) -> nn.Module:
+  """``config.model`` (checked by ``config.validate``) for the dataset's classes.
+
+  ``d2l``: the book's GoogLeNet; ``inception_v1``: torchvision's, whose
+  BatchNorm averages its batch moments over ``axis_name`` when given (the train
+  step sets it under ``pmap`` itself). ``transform_input`` needs RGB images
+  (torchvision's ImageNet constants are per RGB channel): ``ConfigError``.
+  """
+  dtype = DTYPES[config.dtype]
+  if config.model == 'inception_v1':
+    if config.transform_input and spec.image_shape[-1] != 3:
+      raise ConfigError(f'--config.transform_input=True needs RGB images (ImageNet\'s three '
+                        f'channel statistics); {spec.name} images have {spec.image_shape[-1]} '
+                        'channel(s): leave transform_input False')
+    return inception_v1.InceptionV1(
+        num_classes=spec.num_classes, aux_logits=config.aux_weight > 0,
+        transform_input=config.transform_input, axis_name=axis_name, dtype=dtype,
+        kernels=config.kernels)
   return models.GoogLeNet(num_classes=spec.num_classes, aux_heads=config.aux_weight > 0,
-                          dtype=DTYPES[config.dtype], kernels=config.kernels)
+                          dtype=dtype, kernels=config.kernels)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,
@@ -110,7 +146,18 @@ def _path_seed(seed: int, path: tuple) -> list[int]:
 
 def init_params(model: nn.Module, seed: int, image_shape: Sequence[int],
                 bias_init: str = 'zeros') -> dict:
-  """Xavier-uniform kernels and zero (or PyTorch-default) biases for ``model`` at ``image_shape``.
+  """``model``'s initial params at ``image_shape``: ``init_variables(...)['params']``."""
+  return init_variables(model, seed, image_shape, bias_init)['params']
+
+
+def init_variables(model: nn.Module, seed: int, image_shape: Sequence[int],
+                   bias_init: str = 'zeros') -> dict:
+  """``{'params', 'batch_stats'}`` for ``model`` at ``image_shape``; ``batch_stats`` may be empty.
+
+  Kernels Xavier-uniform, as the d2l training code; for ``InceptionV1``
+  N(0, 0.01^2) as torchvision's ``init_weights`` (its truncation at +-2 is
+  200 standard deviations out: none in effect), BatchNorm scale 1 and bias 0,
+  running mean 0 and variance 1. Dense and conv biases zero (or PyTorch-default).
 
   Shapes come from ``jax.eval_shape``; values are sampled with NumPy, because
   compiling threefry sampling for ~130 leaves costs 15-25 s on a small CPU and
@@ -123,7 +170,9 @@ def init_params(model: nn.Module, seed: int, image_shape: Sequence[int],
   ``config.validate``.
   """
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), x)['params']
+  abstract_variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  abstract = abstract_variables['params']
+  torchvision_init = isinstance(model, inception_v1.InceptionV1)
   flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
   kernel_shapes = {path[:-1]: leaf.shape for path, leaf in flat
                    if getattr(path[-1], 'key', None) == 'kernel'}
@@ -131,6 +180,11 @@ def init_params(model: nn.Module, seed: int, image_shape: Sequence[int],
   def init(path, leaf):
     name = getattr(path[-1], 'key', str(path[-1]))
     rng = np.random.default_rng(_path_seed(seed, path))
+    in_bn = len(path) > 1 and getattr(path[-2], 'key', None) == 'bn'
+    if in_bn and name in ('scale', 'bias'):  # inception_v1's BatchNorm
+      return (np.ones if name == 'scale' else np.zeros)(leaf.shape, np.float32)
+    if name == 'kernel' and torchvision_init:
+      return rng.normal(0.0, 0.01, size=leaf.shape).astype(np.float32)
     if name == 'kernel':
       receptive = int(np.prod(leaf.shape[:-2]))
       fan_in, fan_out = leaf.shape[-2] * receptive, leaf.shape[-1] * receptive
@@ -143,7 +197,10 @@ def init_params(model: nn.Module, seed: int, image_shape: Sequence[int],
       return rng.uniform(-1 / np.sqrt(fan_in), 1 / np.sqrt(fan_in), leaf.shape).astype(np.float32)
     raise ValueError(f'no initializer for parameter {jax.tree_util.keystr(path)}')
 
-  return jax.tree_util.tree_map_with_path(init, abstract)
+  stats = jax.tree_util.tree_map_with_path(  # running mean 0, variance 1
+      lambda path, leaf: (np.ones if path[-1].key == 'var' else np.zeros)(leaf.shape, np.float32),
+      abstract_variables.get('batch_stats', {}))
+  return {'params': jax.tree_util.tree_map_with_path(init, abstract), 'batch_stats': stats}
 
 
 def count_params(params) -> int:
@@ -159,17 +216,18 @@ def create_train_state(config: ml_collections.ConfigDict, spec: input_pipeline.D
                        model: nn.Module, tx: optax.GradientTransformation) -> TrainState:
   """The initial state, on the host: placement is the runner's job."""
   size = config.image_size
-  params = init_params(model, config.seed, (size, size, spec.image_shape[-1]),
-                       config.bias_init)
+  variables = init_variables(model, config.seed, (size, size, spec.image_shape[-1]),
+                             config.bias_init)
+  params = variables['params']
   opt_state = init_opt_state(tx, params)
   return TrainState(step=np.int32(0), params=params, opt_state=opt_state,
                     rng=np.asarray(jax.random.key_data(jax.random.key(config.seed))),
-                    metrics=zero_metrics())
+                    metrics=zero_metrics(), batch_stats=variables['batch_stats'])
 
 
 def build(config: ml_collections.ConfigDict, spec: input_pipeline.DatasetSpec | None = None,
           steps_per_epoch: int = 1
-          ) -> tuple[models.GoogLeNet, optax.GradientTransformation, TrainState]:
+          ) -> tuple[nn.Module, optax.GradientTransformation, TrainState]:
   """Model, optimizer and initial host state for ``config`` and its data set's ``spec``.
 
   Without ``spec``, the MNIST family's fixed one (``input_pipeline.dataset_spec``).

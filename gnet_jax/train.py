@@ -56,6 +56,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Any,
   with ``psum``, so the result equals a single-device step on the whole batch.
   Each example's randomness (augmentation, the model's) comes from a key of
   (seed, step, its index in the global batch), the same on any device count.
+  A model with BatchNorm (``state.batch_stats`` not empty) normalises with the
+  batch's statistics and stores the updated running ones; under ``pmap`` it is
+  cloned with ``axis_name`` so its batch moments span every device, as one
+  device's would (under sharded ``jit`` they do already).
   """
   labels = batch['label']
   batch_size = labels.shape[0]
@@ -65,14 +69,25 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Any,
   images = augment.augment(input_pipeline.preprocess(batch['image'], image_size, normalization),
                            example_keys, augment_crop, augment_flip, augment_padding)
 
+  has_stats = bool(jax.tree.leaves(state.batch_stats))
+  if has_stats and axis_name is not None and getattr(model, 'axis_name', '') is None:
+    model = model.clone(axis_name=axis_name)
+
   def loss_fn(params):
-    out = model.apply({'params': params}, images, train=True, example_keys=example_keys)
+    if has_stats:
+      out, updated = model.apply({'params': params, 'batch_stats': state.batch_stats}, images,
+                                 train=True, example_keys=example_keys, mutable=['batch_stats'])
+      batch_stats = updated['batch_stats']
+    else:
+      out = model.apply({'params': params}, images, train=True, example_keys=example_keys)
+      batch_stats = state.batch_stats
     logits, aux = out if isinstance(out, tuple) else (out, [])
     main = jnp.mean(cross_entropy(logits, labels))
     total = main + aux_weight * sum(jnp.mean(cross_entropy(a, labels)) for a in aux)
-    return total, (main, logits)
+    return total, (main, logits, batch_stats)
 
-  (total, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (total, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   correct = jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.int32)
   sums = {'loss_sum': loss * batch_size, 'correct': correct, 'count': jnp.int32(batch_size),
           'nonfinite': (~jnp.isfinite(total)).astype(jnp.int32)}
@@ -87,14 +102,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Any,
   params = optax.apply_updates(state.params, updates)
   new_metrics = jax.tree.map(lambda a, b: a + b.astype(a.dtype), state.metrics, sums)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                       metrics=new_metrics)
+                       metrics=new_metrics, batch_stats=batch_stats)
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *, model: Any, image_size: int,
+def eval_step(variables: Any, batch: dict[str, jax.Array], *, model: Any, image_size: int,
               num_classes: int = 10, normalization: Normalization = None,
               axis_name: str | None = None) -> dict[str, jax.Array]:
-  """Sums over the real (unmasked) examples of ``batch``: loss, correct, count and confusion."""
-  logits = model.apply({'params': params},
+  """Sums over the real (unmasked) examples of ``batch``: loss, correct, count and confusion.
+
+  ``variables``: ``state.variables`` (BatchNorm uses the running statistics,
+  which stay as they are), or a bare params tree for a network without them.
+  """
+  logits = model.apply(state_lib.model_variables(variables),
                        input_pipeline.preprocess(batch['image'], image_size, normalization))
   mask, labels = batch['mask'], batch['label']
   predicted = jnp.argmax(logits, -1)
@@ -110,17 +129,18 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: Any, image_siz
   return sums
 
 
-def evaluate(runner: parallel.Runner, eval_fn: Callable, params: Any, images: np.ndarray,
+def evaluate(runner: parallel.Runner, eval_fn: Callable, variables: Any, images: np.ndarray,
              labels: np.ndarray, batch_size: int) -> dict[str, Any]:
   """Loss, accuracy and confusion matrix over a whole split; every example counted once.
 
   The one evaluation path: training calls it after each epoch and
-  ``python -m gnet_jax.evaluate`` on a checkpoint.
+  ``python -m gnet_jax.evaluate`` on a checkpoint. ``variables`` as ``eval_step``
+  takes them, placed by ``runner``.
   """
   totals = None
   for batch in input_pipeline.eval_batches(images, labels, batch_size, jax.process_index(),
                                            jax.process_count()):
-    sums = eval_fn(params, runner.put_batch(batch))  # no per-batch host sync
+    sums = eval_fn(variables, runner.put_batch(batch))  # no per-batch host sync
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     return {'loss': math.nan, 'accuracy': math.nan, 'count': 0, 'confusion': None}
@@ -324,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
               raise stop.interrupted(step, steps_per_epoch)
         sums = runner.to_host(state.metrics)  # the epoch's one full host read
         check_finite(sums, manager, steps_per_epoch)
-        test = evaluate(runner, eval_fn, state.params, data.test_images, data.test_labels,
+        test = evaluate(runner, eval_fn, state.variables, data.test_images, data.test_labels,
                         eval_batch_size(config, runner.num_devices))
         summary = log.end_epoch(epoch, step, sums, test)
         state = state.replace(metrics=runner.put_state(state_lib.zero_metrics()))

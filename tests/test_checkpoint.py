@@ -343,3 +343,31 @@ def test_resume_keeps_the_saved_normalisation(idx_dir, tmp_path, monkeypatch, ca
   newest = checkpoint.read_dataset_spec(workdir)
   assert newest['normalization'] == saved and checkpoint.checkpoint_dir(workdir).joinpath(
       '12').is_dir()
+
+
+def test_checkpoint_from_before_batch_stats_restores(target, idx_dir, tmp_path):
+  """A checkpoint whose state has no ``batch_stats`` (written before the field) still restores."""
+  import flax
+  import orbax.checkpoint
+
+  @flax.struct.dataclass
+  class OldTrainState:  # TrainState as it was saved before batch_stats existed
+    step: object
+    params: object
+    opt_state: object
+    rng: object
+    metrics: object
+
+  assert target.batch_stats == {}
+  old = OldTrainState(np.int32(5), jax.tree.map(lambda x: x + 1, target.params),
+                      target.opt_state, target.rng, target.metrics)
+  manager = checkpoint.open_manager(tmp_path)
+  checkpoint.save(manager, 5, old, make_config(idx_dir))
+  manager.wait_until_finished()
+  manager.close()
+  on_disk = orbax.checkpoint.StandardCheckpointHandler().metadata(
+      checkpoint.checkpoint_dir(tmp_path) / '5' / 'state').tree
+  assert 'batch_stats' not in on_disk and 'params' in on_disk
+  state, step = final_state(tmp_path, target)
+  assert step == 5 and state.batch_stats == {}
+  chex.assert_trees_all_equal(state.params, old.params)
