@@ -198,18 +198,20 @@ class JaxBench:
     if event == '/jax/compilation_cache/cache_hits':
       self.cache_hits += 1
 
-  def _compiled(self, size: int, batch: int, dtype: str, kernels: str, on_host: bool = False):
+  def _compiled(self, size: int, batch: int, dtype: str, kernels: str, on_host: bool = False,
+                check: bool = False):
     """(steps, compiled train step, compile seconds), compiled once per shape and device.
 
-    The correctness step runs at 'highest' precision, except on a CPU, where XLA
-    rounds nothing and the rows' own compiled steps serve the checks.
+    The correctness checks compile at 'highest' precision and the rows at the
+    default, except on a CPU, where XLA rounds nothing at either setting and
+    the rows' compiled float32 steps serve the checks too.
     """
-    precise = self.device.platform != 'cpu'
-    key = (size, batch, dtype, kernels, on_host, precise and dtype == 'float32')
+    highest = check and self.device.platform != 'cpu'
+    key = (size, batch, dtype, kernels, on_host, highest)
     if key not in self.compiled:
       steps = harness.JaxSteps.build(harness.gnet_config(size, batch, dtype, kernels),
-                                     devices=[self.host] if on_host else None)
-      with self.jax.default_matmul_precision('highest' if key[-1] else None):
+                                     devices=[self.host if on_host else self.device])
+      with self.jax.default_matmul_precision('highest' if highest else None):
         self.compiled[key] = (steps, *steps.compile())
     return self.compiled[key]
 
@@ -235,14 +237,16 @@ class JaxBench:
   def step_check(self, req: dict) -> dict:
     """float32 train step: device against host CPU (not applicable on a CPU), then custom vs xla."""
     size, batch, kernels = req['size'], req['batch'], req['kernels']
-    got = self._sgd_run(*self._compiled(size, batch, 'float32', kernels)[:2], 1, seed=1)
+    got = self._sgd_run(*self._compiled(size, batch, 'float32', kernels, check=True)[:2], 1,
+                        seed=1)
     self.step_results[kernels] = got
     name = 'float32 train step (loss, update): device vs host CPU'
-    if self.device.platform == 'cpu':
+    if self.device == self.host:
       checks = [{'check': name, 'kernels': kernels, 'status': 'n/a',
                  'note': 'the device is the host CPU: nothing to compare'}]
     else:
-      ref = self._sgd_run(*self._compiled(size, batch, 'float32', kernels, True)[:2], 1, seed=1)
+      ref = self._sgd_run(*self._compiled(size, batch, 'float32', kernels, True, True)[:2], 1,
+                          seed=1)
       checks = [compare_steps(name, kernels, got, ref)]
     if set(self.step_results) == set(KERNEL_SETS):
       checks.append(compare_steps('float32 train step: kernels=custom vs xla, device', 'custom',

@@ -4,14 +4,16 @@ The smoke run is checked for what its report says (rows of both dtypes, both
 kernel sets, two batch sizes, PyTorch beside gnet-jax, correctness checks with
 numbers, the book's run for two seeds and their spread), never for its speed;
 on a CPU the device-vs-host comparison has nothing to compare and must say so
-instead of passing. The helpers are checked for reporting a correctness
-failure as one, and for the peaks table. The smoke run shares the suite's
+instead of passing; in-process, a second virtual CPU device stands in for an
+accelerator, so that comparison runs the step on both. The helpers are checked
+for reporting a correctness failure as one, and for the peaks table. The smoke run shares the suite's
 persistent compilation cache (conftest), so a second run compiles little.
 """
 
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -118,6 +120,22 @@ def test_smoke_runs_the_books_config_for_two_seeds(smoke):
   assert spread['median'] == pytest.approx(sum(accs) / 2)
   assert "## The book's run" in markdown and 'epoch 2/2' in markdown
   assert f"over 2 seed(s) [0, 1]: min {accs[0]:.3f}" in markdown and '0.886' in markdown
+
+
+def test_the_device_vs_host_check_runs_the_step_on_both(monkeypatch):
+  """The accelerator's path, in-process: a second (virtual) CPU device stands in for the
+  device, so the check compiles and runs the train step on it and on the host CPU."""
+  import jax
+  monkeypatch.setenv('XLA_FLAGS', os.environ['XLA_FLAGS'])  # restored after the test
+  bench = report_lib.JaxBench(sizes=[32])
+  bench.device = jax.devices('cpu')[1]
+  [host_check] = bench.step_check({'size': 32, 'batch': 2, 'kernels': 'xla'})['checks']
+  # Two compiles of one step (the host's may come from the persistent cache, compiled under
+  # other XLA flags): equal within the float32 tolerance, not necessarily bit for bit.
+  assert host_check['status'] == 'pass' and host_check['limits'], host_check
+  assert all(math.isfinite(host_check[k]) for k in host_check['limits'])
+  ran_on = {key[4]: steps.runner.devices for key, (steps, _, _) in bench.compiled.items()}
+  assert ran_on == {False: (jax.devices('cpu')[1],), True: (jax.devices('cpu')[0],)}
 
 
 def test_a_correctness_failure_is_a_failure_not_a_skip():
