@@ -10,9 +10,9 @@ PyTorch GoogLeNet of ``gnet_jax/torch_reference.py``) and see the **same batches
 in the same order** (``gnet_jax.input_pipeline.train_batches``, the order
 ``train.py`` uses). Each uint8 batch is turned into float32 pixels once, by
 gnet-jax's own ``input_pipeline.preprocess`` (jitted), and PyTorch gets that very array
-in NCHW, so the inputs are bitwise equal. gnet-jax trains with the real
-``train.train_step``; PyTorch with ``torch.optim.SGD`` (or ``Adam``, mirroring
-the config) and ``nn.CrossEntropyLoss()``.
+in NCHW, so the inputs are bitwise equal. gnet-jax trains with the step
+``train.py`` takes (``train.make_train_step``); PyTorch with ``torch.optim.SGD``
+(or ``Adam``, mirroring the config) and ``nn.CrossEntropyLoss()``.
 
 Per logging interval it prints both training losses and their relative
 difference |jax - torch| / |torch| (and how far apart the parameters are); at
@@ -24,7 +24,8 @@ the relative loss difference exceeds 1e-4, 1e-2 and 10%) and ``fidelity.png``
 Recipe: the config's (default ``configs/fashion_mnist.py``: the d2l reference,
 plain SGD lr 0.1, batch 128, no momentum, no auxiliary heads). SGD with
 momentum/Nesterov and Adam are mirrored in PyTorch; auxiliary heads
-(``aux_weight > 0``) and bfloat16 are refused, the original has neither.
+(``aux_weight > 0``), bfloat16 and augmentation are refused, the original
+has none of them.
 
 Device: CPU by default; where JAX runs on a GPU and PyTorch sees CUDA, PyTorch
 runs on the GPU too. Both compute in full float32 (no TF32) so that the

@@ -70,6 +70,7 @@ def test_plot_is_written(tiny_run, tmp_path):
 
 @pytest.mark.parametrize('extra, message', [
     (['--config.aux_weight=0.3'], 'aux_weight=0.3'),
+    (['--config.augment_flip=true'], 'augmentation'),
     (['--config.no_such_key=1'], 'no_such_key'),
     (['--config', 'configs/missing.py'], 'configs/missing.py'),
     (['--config.optimizer=rmsprop'], "optimizer must be one of 'sgd', 'adam'"),
