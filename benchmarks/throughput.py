@@ -290,6 +290,8 @@ def choose_variants(args, platform: str, parser) -> dict[str, Variant]:
   known = {**JAX_VARIANTS, **SWEEP}
   if unknown := [n for n in names if n not in known]:
     parser.error(f'unknown --jax-variants {unknown}; choose from {list(known)} or sweep')
+  if not names and not args.ops_at:
+    parser.error('--jax-variants names no variant; name at least one (e.g. gnet-jax)')
   variants = {f'gnet-jax ops@{rev}': jax_variant(ops_at=rev) for rev in args.ops_at}
   return {**variants, **{n: known[n] for n in dict.fromkeys(names)}}
 

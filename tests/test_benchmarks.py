@@ -107,9 +107,10 @@ def test_variants_ops_at_first_and_the_sweep_expanded():
   assert names[:3] == ['gnet-jax ops@c638eba', 'gnet-jax kernels=xla', 'gnet-jax']
   assert names[3:] == list(throughput.SWEEP)
   assert variants['gnet-jax ops@c638eba'].kwargs == {'ops_at': 'c638eba'}
-  args.jax_variants = 'gnet-jax,fastest'
-  with pytest.raises(SystemExit):
-    throughput.choose_variants(args, 'cpu', parser)
+  for wrong in ('gnet-jax,fastest', ''):
+    args.jax_variants, args.ops_at = wrong, []
+    with pytest.raises(SystemExit):
+      throughput.choose_variants(args, 'cpu', parser)
 
 
 def test_the_sweep_names_only_flags_this_jaxlib_knows():
