@@ -667,15 +667,16 @@ def summarize_row(task: Task, reply: dict, precision: dict) -> dict:
   if reply['status'] != 'ok':
     return {**row, 'error': reply.get('error')}
   step = statistics.median(reply['step_s'])
-  img_per_s = req['batch'] / step
+  rates = harness.summary(req['batch'] / t for t in reply['step_s'])
+  img_per_s = rates['median']
   jax_p = precision.get('jax', {})
   flops = jax_p.get('flops', {}).get(str(req['size']), {}).get('train')
   tflops = img_per_s * flops / 1e12 if flops else None
   mode = ('bf16' if req['dtype'] == 'bfloat16' else
           precision.get(task.worker, {}).get('float32_mode', 'float32'))
   peak = peak_tflops(jax_p.get('device_kind', ''), req['dtype'], mode)
-  return {**row, 'img_per_s': img_per_s, 'step_ms': step * 1e3,
-          'step_ms_range': [min(reply['step_s']) * 1e3, max(reply['step_s']) * 1e3],
+  return {**row, 'img_per_s': img_per_s, 'img_per_s_range': [rates['min'], rates['max']],
+          'step_ms': step * 1e3,
           'timed_steps': len(reply['step_s']), 'tflops': tflops, 'compute': mode,
           'peak_tflops': peak, 'peak_fraction': tflops / peak if peak and tflops else None,
           **{k: reply[k] for k in ('compile_cold_s', 'compile_warm_s', 'warm_cache_hit',
@@ -724,7 +725,9 @@ def row_cells(r: dict) -> list:
   ratio = (f"{r['vs_torch']:.2f}x ({r['vs_torch_variant']})" if r.get('vs_torch')
            else r.get('vs_torch_note', '') if r['framework'] == 'gnet-jax' else '')
   warm = _num(r.get('compile_warm_s'), '.1f') + ('' if r.get('warm_cache_hit', True) else ' (miss)')
-  return head + [f"{r['img_per_s']:.1f}", f"{r['step_ms']:.1f}", _num(r['tflops'], '.3g'),
+  low, high = r['img_per_s_range']
+  return head + [f"{r['img_per_s']:.1f} ({low:.1f}-{high:.1f})", f"{r['step_ms']:.1f}",
+                 _num(r['tflops'], '.3g'),
                  _num(r['peak_fraction'] and 100 * r['peak_fraction'], '.1f'), r['compute'],
                  memory if r.get('peak_is_row', True) else f'<= {memory}',
                  harness.gib(r.get('program_bytes')), _num(r.get('compile_cold_s'), '.1f'),
@@ -772,7 +775,8 @@ def format_markdown(report: dict) -> str:
                 '% of peak', 'compute', 'peak memory GiB', 'XLA program GiB',
                 'compile s (empty cache)', 'compile s (warm cache)', 'vs fastest PyTorch'],
                [row_cells(r) for r in report['jax_rows'] + report['torch_rows']]),
-           '', "img/s from the median of the timed steps after warm-up; TFLOP/s from XLA's "
+           '', "img/s: the median over the timed steps after warm-up (min-max); step ms: "
+           "the median step; TFLOP/s from XLA's "
            'cost analysis of GoogLeNet (benchmarks.harness.model_flops); % of peak against '
            'the datasheet figure for the compute column (none for unknown devices); peak '
            "memory: the device allocator's high-water mark in the worker process (PyTorch: reset "
