@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Per-channel mean/std of the training images, subtracted and divided by; saved with the
   # checkpoint. Off in the book's recipe, which feeds [0, 1].
   config.normalize = False
+  # The statistics normalize uses: 'training_set' (the training images') or 'imagenet'
+  # (ImageNet's RGB mean and std, which pretrained ImageNet weights expect).
+  config.normalize_stats = 'training_set'
   # Augmentation on device, off in the book's recipe: crop 'none', 'pad' (zero-pad by
   # augment_padding, crop back at a random place) or 'resized' (random-resized crop).
   config.augment_crop = 'none'
@@ -35,6 +38,16 @@ def get_config() -> ml_collections.ConfigDict:
   # inception_v1: turn ImageNet-normalised input into (x - 0.5) / 0.5, as torchvision's
   # pretrained GoogLeNet does (its weights were ported from TensorFlow).
   config.transform_input = False
+  # Fine-tuning (see configs/finetune.py). init_from: a torchvision GoogLeNet state dict
+  # (.pth) or a gnet-jax workdir whose weights start the run ('' = the seed's initialisation).
+  config.init_from = ''
+  # Which parameters train: 'all', 'head' (the classifier and aux heads) or a block name
+  # (e.g. 'inception5a': it, every later block and the heads); the rest stay bit for bit.
+  config.trainable = 'all'
+  config.pretrained_lr_multiplier = 1.0  # learning rate factor of the trained non-head blocks
+  # inception_v1's BatchNorm in training: 'update' (batch statistics, running averages
+  # updated) or 'frozen' (running statistics, never updated); frozen blocks' are always frozen.
+  config.bn_stats = 'update'
   config.aux_weight = 0.0  # > 0 adds GoogLeNet's two auxiliary heads to the training loss
   config.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
   # Pooling/conv kernels: 'auto' (hand-written on CPU, XLA's stock ops on GPU/TPU), 'xla' or

@@ -40,12 +40,13 @@ ITEMS = ('state', 'config', 'dataset')  # dataset: a DatasetSpec as JSON (older 
 # how long to train, how to report, how to checkpoint, where the data folder is
 # and how the work is spread over devices and hosts. Every other key shapes the
 # model, the data, the optimizer or the order of examples, so a change would
-# silently break exact resumption; such a resume is refused.
+# silently break exact resumption; such a resume is refused. ``init_from`` only
+# starts a run: a resumed one continues from its checkpoint, whatever file it names.
 RESUMABLE_CHANGES = frozenset({
     'num_epochs', 'progress', 'checkpoint_every_steps', 'max_checkpoints',
     'eval_batch_size', 'data_dir', 'parallelism', 'num_devices', 'distributed',
     'coordinator_address', 'num_processes', 'process_id', 'kernels', 'log_every_steps',
-    'profile_steps', 'compilation_cache',
+    'profile_steps', 'compilation_cache', 'init_from',
 })
 
 

@@ -72,11 +72,16 @@ RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     'train_examples': _int(-1),
     'eval_examples': _int(-1),
     'normalize': _bool(),
+    'normalize_stats': _choice('training_set', 'imagenet'),
     'augment_crop': _choice('none', 'pad', 'resized'),
     'augment_padding': _int(0, 256),
     'augment_flip': _bool(),
     'model': _choice('d2l', 'inception_v1'),
     'transform_input': _bool(),
+    'init_from': _str(),
+    'trainable': _str(),  # 'all', 'head' or one of BLOCKS[model] (checked in validate)
+    'pretrained_lr_multiplier': _float(0.0, lo_open=True),
+    'bn_stats': _choice('update', 'frozen'),
     'aux_weight': _float(0.0),
     'dtype': _choice('float32', 'bfloat16'),
     'kernels': _choice('auto', 'xla', 'custom'),
@@ -154,7 +159,23 @@ BEFORE_KEY_EXISTED: dict[str, Any] = {
     'weight_decay': 0.0,
     'model': 'd2l',  # the only network
     'transform_input': False,  # inception_v1's only; d2l has none
+    'init_from': '',  # initialised from the seed
+    'trainable': 'all',
+    'pretrained_lr_multiplier': 1.0,
+    'bn_stats': 'update',  # inception_v1's only; d2l has no BatchNorm
+    'normalize_stats': 'training_set',  # the training images' own statistics
 }
+
+# Each model's blocks in forward order (``trainable`` names one: it and every later one
+# train) and its classifier heads, which always train: top-level names of its params.
+BLOCKS: dict[str, tuple[str, ...]] = {
+    'd2l': ('b1', 'b2', 'b3', 'b4', 'b5'),
+    'inception_v1': ('conv1', 'conv2', 'conv3', 'inception3a', 'inception3b', 'inception4a',
+                     'inception4b', 'inception4c', 'inception4d', 'inception4e', 'inception5a',
+                     'inception5b'),
+}
+HEADS: dict[str, tuple[str, ...]] = {'d2l': ('head', 'aux1', 'aux2'),
+                                     'inception_v1': ('fc', 'aux1', 'aux2')}
 
 
 def with_defaults(saved: dict) -> dict:
@@ -196,6 +217,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'--config.transform_input=True applies to inception_v1 (torchvision\'s '
                       f'GoogLeNet); model {config.model} has no such step: leave it False or set '
                       '--config.model=inception_v1')
+  allowed = ('all', 'head', *BLOCKS[config.model])
+  if config.trainable not in allowed:
+    raise ConfigError(f'--config.trainable={config.trainable!r} is not allowed with model '
+                      f'{config.model}; use one of {", ".join(map(repr, allowed))} (a block name: '
+                      'it and every later block train, the heads always do)')
+  if config.bn_stats != 'update' and config.model != 'inception_v1':
+    raise ConfigError(f'--config.bn_stats={config.bn_stats!r} applies to inception_v1; model '
+                      f'{config.model} has no BatchNorm: leave it \'update\'')
+  if config.normalize_stats != 'training_set' and not config.normalize:
+    raise ConfigError(f'--config.normalize_stats={config.normalize_stats!r} needs '
+                      '--config.normalize=True (without it images stay in [0, 1])')
   if config.optimizer == 'adam' and (config.momentum or config.nesterov):
     raise ConfigError('momentum and nesterov apply to sgd only; set --config.momentum=0 '
                       '--config.nesterov=False with --config.optimizer=adam')

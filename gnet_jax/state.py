@@ -6,6 +6,7 @@ Everything here is built on the host (NumPy leaves); placing it on devices is
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -78,7 +79,8 @@ def create_model(config: ml_collections.ConfigDict, spec: input_pipeline.Dataset
 
   ``d2l``: the book's GoogLeNet; ``inception_v1``: torchvision's, whose
   BatchNorm averages its batch moments over ``axis_name`` when given (the train
-  step sets it under ``pmap`` itself). ``transform_input`` needs RGB images
+  step sets it under ``pmap`` itself); frozen blocks' BatchNorm (``trainable``,
+  ``bn_stats``) keeps its running statistics. ``transform_input`` needs RGB images
   (torchvision's ImageNet constants are per RGB channel): ``ConfigError``.
   """
   dtype = DTYPES[config.dtype]
@@ -90,7 +92,7 @@ def create_model(config: ml_collections.ConfigDict, spec: input_pipeline.Dataset
     return inception_v1.InceptionV1(
         num_classes=spec.num_classes, aux_logits=config.aux_weight > 0,
         transform_input=config.transform_input, axis_name=axis_name, dtype=dtype,
-        kernels=config.kernels)
+        kernels=config.kernels, frozen_batch_stats=frozen_bn_blocks(config))
   return models.GoogLeNet(num_classes=spec.num_classes, aux_heads=config.aux_weight > 0,
                           dtype=dtype, kernels=config.kernels)
 
@@ -128,10 +130,63 @@ def create_optimizer(config: ml_collections.ConfigDict,
   """
   lr = (config.learning_rate if config.lr_schedule == 'constant'
         else learning_rate_schedule(config, steps_per_epoch))
+  if config.trainable == 'all' and config.pretrained_lr_multiplier == 1.0:
+    return _optimizer(config, lr)
+  multiplier = config.pretrained_lr_multiplier
+  scaled = lr * multiplier if isinstance(lr, float) else lambda count: multiplier * lr(count)
+  # Frozen leaves get zero updates (optax.masked would pass their raw gradients through).
+  return optax.multi_transform(
+      {'head': _optimizer(config, lr), 'pretrained': _optimizer(config, scaled),
+       'frozen': optax.set_to_zero()},
+      functools.partial(param_labels, config))
+
+
+def _optimizer(config: ml_collections.ConfigDict, lr: float | Callable
+               ) -> optax.GradientTransformation:
   tx = OPTIMIZERS[config.optimizer](config, lr)
   if config.weight_decay and config.optimizer == 'sgd':
     tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
   return tx
+
+
+def _frozen(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The blocks ``config.trainable`` leaves out: every block before the named one."""
+  blocks = config_lib.BLOCKS[config.model]
+  if config.trainable == 'all':
+    return ()
+  return blocks if config.trainable == 'head' else blocks[:blocks.index(config.trainable)]
+
+
+def param_labels(config: ml_collections.ConfigDict, params: Any) -> Any:
+  """Each leaf's label for ``optax.multi_transform``: ``head``, ``pretrained`` or ``frozen``.
+
+  By its top-level name: the model's heads (``gnet_jax.config.HEADS``) always train at
+  the learning rate; blocks before ``config.trainable`` are frozen; the others
+  train at ``pretrained_lr_multiplier`` times it.
+  """
+  heads, frozen = config_lib.HEADS[config.model], _frozen(config)
+
+  def label(path, _):
+    name = path[0].key
+    if name in heads:
+      return 'head'
+    if name not in config_lib.BLOCKS[config.model]:
+      raise ValueError(f'parameter {jax.tree_util.keystr(path)} is in no block of '
+                       f'{config.model}; --config.trainable needs one')
+    return 'frozen' if name in frozen else 'pretrained'
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def frozen_bn_blocks(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Top-level blocks whose BatchNorm uses its running statistics in training too.
+
+  Frozen blocks' always (their statistics must not move either); with
+  ``bn_stats='frozen'`` every block's and head's.
+  """
+  if config.bn_stats == 'frozen':
+    return config_lib.BLOCKS[config.model] + config_lib.HEADS[config.model]
+  return _frozen(config)
 
 
 def _path_seed(seed: int, path: tuple) -> list[int]:

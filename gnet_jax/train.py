@@ -21,9 +21,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from gnet_jax import (augment, checkpoint, config as config_lib, input_pipeline,
-                      metrics as metrics_lib, parallel, preemption, state as state_lib,
-                      workdir as workdir_lib, xla_flags)
+from gnet_jax import (augment, checkpoint, config as config_lib, finetune, inception_v1,
+                      input_pipeline, metrics as metrics_lib, parallel, preemption,
+                      state as state_lib, workdir as workdir_lib, xla_flags)
 from gnet_jax.errors import ConfigError, NonFiniteLossError
 from gnet_jax.state import TrainState
 
@@ -182,13 +182,24 @@ def check_finite(sums: dict[str, Any], manager, steps_per_epoch: int) -> None:
 
 def load_data(config: ml_collections.ConfigDict, train_examples: int | None = None
               ) -> input_pipeline.Dataset:
-  """The config's data set, its spec carrying the training set's normalisation if asked."""
+  """The config's data set, its spec carrying the normalisation if asked.
+
+  ``normalize_stats='training_set'``: the training images' channel statistics;
+  ``'imagenet'``: ImageNet's (RGB only: ``ConfigError`` otherwise), which
+  ImageNet weights were trained with.
+  """
   data = input_pipeline.load_dataset(
       config.dataset, config.data_source, config.data_dir,
       config.train_examples if train_examples is None else train_examples, config.eval_examples,
       splits=(config.train_split, config.test_split), image_size=config.image_size,
       progress=config.progress and sys.stderr.isatty() and jax.process_index() == 0)
-  if config.normalize and len(data.train_images):
+  if config.normalize and config.normalize_stats == 'imagenet':
+    if data.spec.image_shape[-1] != 3:
+      raise ConfigError(f'--config.normalize_stats=imagenet needs RGB images; {data.spec.name} '
+                        f'images have {data.spec.image_shape[-1]} channel(s): use training_set')
+    stats = (inception_v1.IMAGENET_MEAN, inception_v1.IMAGENET_STD)
+    data = dataclasses.replace(data, spec=dataclasses.replace(data.spec, normalization=stats))
+  elif config.normalize and len(data.train_images):
     stats = input_pipeline.channel_stats(data.train_images)
     data = dataclasses.replace(data, spec=dataclasses.replace(data.spec, normalization=stats))
   return data
@@ -296,6 +307,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   model = model or state_lib.create_model(config, spec)
   tx = state_lib.create_optimizer(config, steps_per_epoch)
   init = state_lib.create_train_state(config, spec, model, tx)
+  # Read before anything is written: a bad init_from stops the run with nothing in the workdir.
+  initialised = finetune.initialise(config, init, tx) if config.init_from else None
+  if initialised:
+    init = initialised.state
   workdir = config_lib.check_workdir(workdir, checkpoint.bytes_needed(init, config))
   parallel.check_shared_workdir(workdir)
   # From here on this run alone writes to the workdir: a second run is refused here,
@@ -304,6 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     host_state, start_step, damaged, restored = _restore_or_init(workdir, init, config)
     if restored:
       spec = _check_same_data(workdir, start_step, spec)
+    elif initialised and jax.process_index() == 0:
+      print(finetune.describe(config.init_from, initialised), flush=True)
     log = metrics_lib.RunLog(workdir, config, steps_per_epoch, start_step, runner.device_label,
                              state_lib.learning_rate_schedule(config, steps_per_epoch))
     if start_step >= config.num_epochs * steps_per_epoch:

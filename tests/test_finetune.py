@@ -15,6 +15,7 @@ import chex
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from configs import default
@@ -30,7 +31,7 @@ def make_config(**overrides) -> ml_collections.ConfigDict:
   config = default.get_config()
   config.update(model='inception_v1', image_size=SIZE, batch_size=BATCH, learning_rate=0.05,
                 momentum=0.9, aux_weight=0.3, parallelism='none', progress=False,
-                log_every_steps=0, compilation_cache='off')
+                log_every_steps=0)
   config.update(overrides)
   return config
 
@@ -181,8 +182,8 @@ def folder(tmp_path_factory):
 
 
 def loop_config(folder, **overrides):
-  return make_config(dataset='image_folder', data_dir=str(folder), num_epochs=2,
-                     checkpoint_every_steps=1, max_checkpoints=0, **overrides)
+  return make_config(**{'dataset': 'image_folder', 'data_dir': str(folder), 'num_epochs': 1,
+                        'train_examples': 8, 'max_checkpoints': 0, **overrides})
 
 
 @pytest.fixture(scope='module')
@@ -198,12 +199,217 @@ def final_state(workdir):
 
 def test_resume_with_batch_stats_is_exact(folder, uninterrupted, tmp_path):
   config = loop_config(folder)
-  sigterm_at_4 = lambda step: step == 4 and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
-  with pytest.raises(preemption.Interrupted):  # mid-epoch: 3 steps per epoch
-    train.train_and_evaluate(config, tmp_path, after_step=sigterm_at_4)
-  assert checkpoint.checkpoint_dir(tmp_path).joinpath('4').is_dir()
+  sigterm_at_1 = lambda step: step == 1 and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
+  with pytest.raises(preemption.Interrupted):  # mid-epoch: 2 steps per epoch
+    train.train_and_evaluate(config, tmp_path, after_step=sigterm_at_1)
+  assert checkpoint.checkpoint_dir(tmp_path).joinpath('1').is_dir()
   train.train_and_evaluate(config, tmp_path)
   resumed, whole = final_state(tmp_path), final_state(uninterrupted)
-  assert int(resumed.step) == int(whole.step) == 6
+  assert int(resumed.step) == int(whole.step) == 2
   assert jax.tree.leaves(whole.batch_stats)
   chex.assert_trees_all_equal(resumed, whole)  # params, statistics, optimizer, rng: bitwise
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def leaves_by_path(tree) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_block_tables_are_the_models_top_level_names():
+  from gnet_jax import config as config_lib
+  for name in ('d2l', 'inception_v1'):
+    config = make_config(model=name, aux_weight=0.3, image_size=SIZE)
+    model = state_lib.create_model(config, SPEC)
+    params = state_lib.init_params(model, 0, (SIZE, SIZE, 3))
+    assert set(params) == set(config_lib.BLOCKS[name] + config_lib.HEADS[name]), name
+  assert config_lib.BLOCKS['inception_v1'] + config_lib.HEADS['inception_v1'] == (
+      inception_v1.LAYERS + inception_v1.AUX_HEADS)
+
+
+def test_optimizer_freezes_scales_and_keeps_the_head_exactly():
+  """multi_transform: frozen leaves get 0, the trained blocks lr x multiplier, the heads lr."""
+  params = built()[3].params
+  rng = np.random.default_rng(0)
+  grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+  plain = make_config(momentum=0.0)
+  tuned = make_config(momentum=0.0, trainable='inception5a', pretrained_lr_multiplier=0.3)
+  base = state_lib.create_optimizer(plain)
+  expected = leaves_by_path(base.update(grads, base.init(params), params)[0])
+  tx = state_lib.create_optimizer(tuned)
+  got = leaves_by_path(tx.update(grads, tx.init(params), params)[0])
+  sgd = optax.sgd(0.05 * 0.3)  # what the pretrained blocks must get: lr x multiplier
+  scaled = leaves_by_path(sgd.update(grads, sgd.init(params), params)[0])
+  for key, update in got.items():
+    block = key.split("'")[1]
+    if block in ('fc', 'aux1', 'aux2'):
+      np.testing.assert_array_equal(update, expected[key], err_msg=key)
+    elif block in ('inception5a', 'inception5b'):
+      np.testing.assert_array_equal(update, scaled[key], err_msg=key)
+      np.testing.assert_allclose(update, 0.3 * expected[key], rtol=1e-6, err_msg=key)
+    else:
+      assert not np.any(update), key
+  assert not jax.tree.leaves(tx.init(params).inner_states['frozen'])  # no state for frozen
+
+
+def assert_blocks(start, end, frozen: tuple[str, ...], trained: tuple[str, ...]) -> None:
+  """Frozen blocks' params and statistics bit-identical; trained ones' params moved.
+
+  From the seed's initialisation a frozen backbone (BatchNorm on running
+  statistics 0 and 1 over N(0, 0.01^2) kernels) passes almost nothing on, so a
+  trained block's kernels may move by less than a float32 ulp: each trained
+  block must move somewhere (its BatchNorm and Dense biases do).
+  """
+  for name in frozen:
+    chex.assert_trees_all_equal(end.params[name], start.params[name])
+    if name in start.batch_stats:
+      chex.assert_trees_all_equal(end.batch_stats[name], start.batch_stats[name])
+  for name in trained:
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), start.params[name], end.params[name])
+    assert any(jax.tree.leaves(moved)), name
+
+
+HEAD_ONLY = dict(trainable='head', bn_stats='frozen')  # configs/finetune.py's "head" variant
+
+
+def test_trainable_head_leaves_every_other_parameter_and_statistic_bit_identical():
+  """With frozen BatchNorm statistics too: the heads' (aux heads' BatchNorm) train, none move."""
+  from gnet_jax import config as config_lib
+  start, end = built(**HEAD_ONLY)[3], run_steps('none', 1, **HEAD_ONLY)
+  assert_blocks(start, end, config_lib.BLOCKS['inception_v1'], ('fc', 'aux1', 'aux2'))
+  chex.assert_trees_all_equal(end.batch_stats, start.batch_stats)
+
+
+def test_trainable_block_freezes_the_earlier_blocks_only():
+  from gnet_jax import config as config_lib
+  start, end = built(trainable='inception5a')[3], run_steps('none', 1, trainable='inception5a')
+  blocks = config_lib.BLOCKS['inception_v1']
+  assert_blocks(start, end, blocks[:blocks.index('inception5a')],
+                ('inception5a', 'inception5b', 'fc', 'aux1', 'aux2'))
+  for name in ('inception5a', 'inception5b'):  # their BatchNorm still learns its statistics
+    assert np.any(end.batch_stats[name]['branch1']['bn']['mean']
+                  != start.batch_stats[name]['branch1']['bn']['mean'])
+
+
+def test_fine_tuning_keys_are_checked():
+  from gnet_jax import config as config_lib
+  from gnet_jax.errors import ConfigError
+  for overrides, message in ((dict(trainable='inception9z'), "trainable='inception9z'"),
+                             (dict(model='d2l', trainable='fc'), "use one of 'all', 'head', 'b1'"),
+                             (dict(model='d2l', bn_stats='frozen'), 'has no BatchNorm'),
+                             (dict(normalize_stats='imagenet'), 'needs --config.normalize=True')):
+    with pytest.raises(ConfigError, match=message):
+      config_lib.validate(make_config(**overrides))
+
+
+# ----------------------------------------------------------------------------- init_from
+
+
+@pytest.fixture(scope='module')
+def torchvision_file(tmp_path_factory):
+  """torchvision's GoogLeNet with random weights, ImageNet's 1,000 classes and aux heads."""
+  torch = pytest.importorskip('torch')
+  from gnet_jax import torch_reference
+  torch.manual_seed(0)
+  net = torch_reference.torchvision_models().googlenet(weights=None, aux_logits=True,
+                                                       init_weights=True)
+  path = tmp_path_factory.mktemp('torchvision') / 'googlenet.pth'
+  torch.save(net.state_dict(), path)
+  return path
+
+
+def test_init_from_a_torchvision_file_takes_the_backbone_and_says_which(
+    folder, torchvision_file, tmp_path, capsys):
+  import torch
+  from gnet_jax import config as config_lib
+  config = loop_config(folder, init_from=str(torchvision_file), num_epochs=1, **HEAD_ONLY)
+  train.train_and_evaluate(config, tmp_path)
+  lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('init_from')]
+  blocks = config_lib.BLOCKS['inception_v1']
+  assert lines == [f'init_from {torchvision_file}: taken {", ".join(blocks)}; fresh fc, aux1, '
+                   "aux2 (fc: ['bias'] is (1000,) in the source, (3,) here; aux1: ['fc2']['bias'] "
+                   "is (1000,) in the source, (3,) here; aux2: ['fc2']['bias'] is (1000,) in the "
+                   "source, (3,) here)"]
+  imported = inception_v1.variables_from_torchvision(
+      torch.load(torchvision_file, weights_only=True))
+  end = final_state(tmp_path)
+  assert int(end.step) == 2
+  for name in blocks:  # taken, and (trainable=head) kept bit for bit through both steps
+    chex.assert_trees_all_equal(end.params[name], imported['params'][name])
+    chex.assert_trees_all_equal(end.batch_stats[name], imported['batch_stats'][name])
+  assert not np.array_equal(end.params['aux1']['conv']['conv']['kernel'],
+                            imported['params']['aux1']['conv']['conv']['kernel'])
+
+
+def save_torch(obj, path):
+  import torch
+  torch.save(obj, path)
+  return path
+
+
+@pytest.mark.parametrize('source, message', [
+    ('d2l_state_dict', "not torchvision's GoogLeNet: missing state dict keys 'conv1.conv.weight'"),
+    ('d2l_workdir', 'is a workdir of a d2l run; this run trains inception_v1'),
+    ('list', 'holds a list, not a state dict'),
+    ('text', 'not a PyTorch file that torch.load(weights_only=True) reads'),
+    ('missing', 'no such file or folder'),
+])
+def test_bad_init_from_is_one_error_line_and_writes_nothing(folder, quickstart_checkpoint,
+                                                            tmp_path, capsys, source, message):
+  pytest.importorskip('torch')
+  from gnet_jax import cli, torch_reference
+  path = {'d2l_state_dict': lambda: save_torch(torch_reference.googlenet().state_dict(),
+                                               tmp_path / 'd2l.pth'),
+          'd2l_workdir': lambda: quickstart_checkpoint,
+          'list': lambda: save_torch([1, 2, 3], tmp_path / 'list.pth'),
+          'text': lambda: (tmp_path / 'notes.pth').write_text('hello') and tmp_path / 'notes.pth',
+          'missing': lambda: tmp_path / 'nothing.pth'}[source]()
+  workdir = tmp_path / 'run'
+  config = loop_config(folder, init_from=str(path))
+  status = cli.run_command(lambda: train.train_and_evaluate(config, workdir) and 0)
+  err = capsys.readouterr().err
+  assert status == 2 and not workdir.exists()
+  errors = [line for line in err.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and message in errors[0], err
+
+
+def test_init_from_a_file_without_aux_heads_leaves_them_fresh(torchvision_file, tmp_path):
+  import torch
+  from gnet_jax import finetune
+  state_dict = torch.load(torchvision_file, weights_only=True)
+  path = save_torch({k: v for k, v in state_dict.items() if not k.startswith('aux')},
+                    tmp_path / 'no_aux.pth')
+  config, _, tx, state = built()
+  done = finetune.initialise(make_config(init_from=str(path)), state, tx)
+  assert done.fresh == ['fc', 'aux1', 'aux2'] and not done.unused
+  assert 'aux1: not in the source' in finetune.describe(str(path), done)
+  chex.assert_trees_all_equal(done.state.params['aux1'], state.params['aux1'])
+  imported = inception_v1.variables_from_torchvision(state_dict)
+  chex.assert_trees_all_equal(done.state.params['conv1'], imported['params']['conv1'])
+  chex.assert_trees_all_equal(done.state.batch_stats['inception3a'],
+                              imported['batch_stats']['inception3a'])
+
+
+def test_imagenet_normalisation_is_fixed_and_needs_rgb(folder, idx_dir):
+  from gnet_jax.errors import ConfigError
+  data = train.load_data(loop_config(folder, normalize=True, normalize_stats='imagenet'))
+  assert data.spec.normalization == (inception_v1.IMAGENET_MEAN, inception_v1.IMAGENET_STD)
+  own = train.load_data(loop_config(folder, normalize=True))
+  assert own.spec.normalization != data.spec.normalization
+  grey = make_config(model='d2l', aux_weight=0.0, dataset='fashion_mnist', data_source='idx',
+                     data_dir=str(idx_dir), normalize=True, normalize_stats='imagenet')
+  with pytest.raises(ConfigError, match='normalize_stats=imagenet needs RGB images'):
+    train.load_data(grey)
+
+
+def test_finetune_config_is_torchvisions_pretrained_setup():
+  from configs import finetune as finetune_config
+  from gnet_jax import config as config_lib
+  config = finetune_config.get_config()
+  config.data_dir = '/photos'
+  config_lib.validate(config)
+  model = state_lib.create_model(config, SPEC)
+  assert isinstance(model, inception_v1.InceptionV1) and model.transform_input
+  assert (config.image_size, config.normalize_stats) == (224, 'imagenet')
+  assert model.frozen_batch_stats == inception_v1.LAYERS + inception_v1.AUX_HEADS  # bn frozen

@@ -1,0 +1,47 @@
+"""Fine-tune torchvision's ImageNet GoogLeNet on your own images.
+
+``python train.py --config configs/finetune.py --config.data_dir=DIR
+--config.init_from=~/.cache/torch/hub/checkpoints/googlenet-1378be20.pth``
+(``DIR/train/<class>/``, ``DIR/test/<class>/``). The network and its input
+are what the ImageNet weights were trained with: ``inception_v1`` at 224x224,
+ImageNet's mean and std, and ``transform_input`` (torchvision's pretrained
+GoogLeNet turns on its ported-from-TensorFlow input range); the classifier is
+new for your classes and the rest comes from the file.
+
+The recipe is the usual one for a small set on a pretrained network, NOT YET
+MEASURED HERE (docs/finetune.md will hold the measured comparison): SGD with
+momentum at a small learning rate with warmup and cosine decay; the
+pretrained blocks at a tenth of the head's rate; BatchNorm statistics frozen,
+because batches of 32 estimate them worse than ImageNet's running averages;
+no aux heads (torchvision's are not pretrained); random-resized crops and
+flips against overfitting a few hundred images.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.dataset = 'image_folder'
+  config.data_dir = ''  # required: --config.data_dir=DIR
+  config.model = 'inception_v1'
+  config.image_size = 224
+  config.transform_input = True
+  config.normalize = True
+  config.normalize_stats = 'imagenet'
+  config.init_from = ''  # the ImageNet .pth file (or a workdir); empty trains from scratch
+  config.trainable = 'all'  # 'head' trains the classifier alone; 'inception5a' the last blocks
+  config.pretrained_lr_multiplier = 0.1
+  config.bn_stats = 'frozen'
+  config.aux_weight = 0.0
+  config.augment_crop = 'resized'
+  config.augment_flip = True
+  config.optimizer = 'sgd'
+  config.learning_rate = 0.01
+  config.momentum = 0.9
+  config.weight_decay = 1e-4
+  config.lr_schedule = 'warmup_cosine'
+  config.warmup_epochs = 1.0
+  config.batch_size = 32
+  config.num_epochs = 10
+  return config

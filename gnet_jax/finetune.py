@@ -1,0 +1,158 @@
+"""Fine-tuning from trained weights: ``--config.init_from=PATH`` starts a run from them.
+
+``PATH`` is a torchvision GoogLeNet state dict (``.pth``, read with
+``torch.load(weights_only=True)``: tensors only, no code from the file) for
+``model=inception_v1``, or a gnet-jax workdir whose newest checkpoint was
+trained with the same ``model``. Each top-level block of the new run's
+network (``conv1`` ... ``inception5b``, ``fc``, ``aux1``, ``aux2``) is taken
+when the source has it with the same shapes, and keeps its fresh
+initialisation otherwise: a classifier for another number of classes, aux
+heads the file lacks. ``describe`` says which in one line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from gnet_jax import config as config_lib, inception_v1, state as state_lib
+from gnet_jax.errors import DependencyError, StateDictError
+
+# Keys under which training scripts commonly wrap a state dict in a checkpoint dict.
+WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model')
+
+
+class Initialised(NamedTuple):
+  """What ``initialise`` did: the new host state and which blocks came from where."""
+
+  state: state_lib.TrainState
+  taken: list[str]  # blocks whose params (and statistics) came from the source
+  fresh: list[str]  # blocks the source lacks or has in another shape
+  unused: list[str]  # blocks of the source this network has not (e.g. aux heads)
+  reasons: list[str]
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else type(error).__name__
+
+
+def read_torch_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+  """The state dict in a ``.pth`` file (or under one of ``WRAPPER_KEYS``), tensors only.
+
+  ``torch.load(weights_only=True)`` rebuilds tensors and plain containers and
+  refuses anything else; a ``module.`` prefix on every key (``DataParallel``)
+  is removed. ``StateDictError`` for a missing file, one torch cannot read, or
+  one that holds no state dict.
+  """
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise DependencyError('PyTorch is needed to read a .pth file: pip install "gnet-jax[interop]" '
+                          '(without a GPU, first: pip install torch --index-url '
+                          'https://download.pytorch.org/whl/cpu)') from None
+  path = os.fspath(path)
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  (torch's unpickler: KeyError, ... too)
+    raise StateDictError(f'--config.init_from={path}: not a PyTorch file that '
+                         f'torch.load(weights_only=True) reads ({_first_line(e)}); give a state '
+                         'dict saved with torch.save(model.state_dict(), PATH) or a gnet-jax '
+                         'workdir') from None
+  if isinstance(obj, Mapping):
+    obj = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), obj)
+  if not (isinstance(obj, Mapping) and obj and all(
+      isinstance(k, str) and hasattr(v, 'shape') for k, v in obj.items())):
+    what = (f'a dict with keys {", ".join(map(repr, list(obj)[:5]))}'
+            if isinstance(obj, Mapping) else f'a {type(obj).__name__}')
+    raise StateDictError(f'--config.init_from={path} holds {what}, not a state dict (names to '
+                         'tensors); save one with torch.save(model.state_dict(), PATH)')
+  if all(k.startswith('module.') for k in obj):
+    obj = {k[len('module.'):]: v for k, v in obj.items()}
+  return dict(obj)
+
+
+def load_variables(config: ml_collections.ConfigDict, path: str | os.PathLike) -> dict:
+  """``{'params', 'batch_stats'}`` from ``path`` for a run of ``config.model``; host arrays."""
+  where = Path(path)
+  if where.is_dir():
+    saved, _ = state_lib.read_run(where)
+    if saved.model != config.model:
+      raise StateDictError(f'--config.init_from={path} is a workdir of a {saved.model} run; this '
+                           f'run trains {config.model}: give a {config.model} workdir, or set '
+                           f'--config.model={saved.model}')
+    state = state_lib.load_checkpoint(where).state
+    return {'params': state.params, 'batch_stats': state.batch_stats}
+  if not where.exists():
+    raise StateDictError(f'--config.init_from={path}: no such file or folder')
+  if config.model != 'inception_v1':
+    raise StateDictError(f'--config.init_from={path}: a torchvision state dict fits '
+                         f'model inception_v1 (torchvision\'s GoogLeNet), not {config.model}; '
+                         'add --config.model=inception_v1')
+  try:
+    return inception_v1.variables_from_torchvision(read_torch_state_dict(path))
+  except StateDictError as e:
+    if str(e).startswith('--config.init_from'):
+      raise
+    raise StateDictError(f'--config.init_from={path}: {e}') from None
+
+
+def _shapes(tree: Any) -> Any:
+  return jax.tree.map(np.shape, tree)
+
+
+def initialise(config: ml_collections.ConfigDict, state: state_lib.TrainState,
+               tx: Any) -> Initialised:
+  """``state`` (a fresh host state) with every block ``config.init_from`` has in its shapes."""
+  source = load_variables(config, config.init_from)
+  params, stats = dict(state.params), dict(state.batch_stats)
+  taken, fresh, reasons = [], [], []
+  order = config_lib.BLOCKS[config.model] + config_lib.HEADS[config.model]
+  for name in sorted(state.params, key=lambda n: order.index(n) if n in order else len(order)):
+    theirs = source['params'].get(name)
+    if theirs is None:
+      fresh.append(name)
+      reasons.append(f'{name}: not in the source')
+      continue
+    difference = _difference(theirs, params[name])
+    if difference:
+      fresh.append(name)
+      reasons.append(f'{name}: {difference}')
+      continue
+    taken.append(name)
+    params[name] = jax.tree.map(np.asarray, theirs)
+    if name in stats:
+      stats[name] = jax.tree.map(np.asarray, source['batch_stats'][name])
+  unused = [name for name in source['params'] if name not in params]
+  new = state.replace(params=params, batch_stats=stats,
+                      opt_state=state_lib.init_opt_state(tx, params))
+  return Initialised(new, taken, fresh, unused, reasons)
+
+
+def _difference(theirs: Any, ours: Any) -> str:
+  """'' when two blocks' params have the same names and shapes, else the first difference."""
+  flat_theirs = {jax.tree_util.keystr(p): np.shape(v)
+                 for p, v in jax.tree_util.tree_flatten_with_path(theirs)[0]}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(ours)[0]:
+    key = jax.tree_util.keystr(path)
+    if key not in flat_theirs:
+      return f'no {key} in the source'
+    if flat_theirs[key] != np.shape(leaf):
+      return f'{key} is {flat_theirs[key]} in the source, {np.shape(leaf)} here'
+  return '' if len(flat_theirs) == len(jax.tree.leaves(ours)) else 'other parameters'
+
+
+def describe(path: str, result: Initialised) -> str:
+  """The one line a run prints: which blocks were taken from ``path`` and which are fresh."""
+  line = f'init_from {path}: taken {", ".join(result.taken) or "nothing"}'
+  line += f'; fresh {", ".join(result.fresh)}' if result.fresh else '; nothing fresh'
+  if result.reasons:
+    line += f' ({"; ".join(result.reasons)})'
+  if result.unused:
+    line += f'; not used {", ".join(result.unused)}'
+  return line
