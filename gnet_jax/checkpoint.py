@@ -259,12 +259,15 @@ def _restore_state(manager: ocp.CheckpointManager, step: int, target: Any) -> An
   return target.replace(**restored)
 
 
-def save_state(workdir: str | Path, state: Any, config: ml_collections.ConfigDict) -> Path:
+def save_state(workdir: str | Path, state: Any, config: ml_collections.ConfigDict,
+               dataset: dict | None = None) -> Path:
   """Writes ``state`` (e.g. imported weights) as a checkpoint plus ``config.json`` in ``workdir``.
 
   ``train.py`` with the same workdir and config then continues from it (a
   step-0 state fine-tunes from the start), and ``gnet_jax.evaluate`` evaluates
-  it. Refuses a workdir that already has checkpoints. Returns the step folder.
+  it. ``dataset``: the data set spec saved with it (as ``save``; without one the
+  MNIST family's fixed spec applies). Refuses a workdir that already has
+  checkpoints. Returns the step folder.
   """
   workdir = Path(workdir)
   steps = _existing_steps(workdir)
@@ -276,7 +279,7 @@ def save_state(workdir: str | Path, state: Any, config: ml_collections.ConfigDic
   step = int(np.asarray(jax.device_get(state.step)))
   manager = open_manager(workdir, max_to_keep=config.max_checkpoints)
   try:
-    save(manager, step, state, config)
+    save(manager, step, state, config, dataset)
     manager.wait_until_finished()
   finally:
     manager.close()

@@ -160,13 +160,42 @@ def read_image(path: str | os.PathLike, mode: str, background: str | None = None
     raise DatasetError(f'{path}: cannot be read as an image ({e}); replace it') from None
 
 
-def load_rgb(path: str | os.PathLike, image_size: int) -> np.ndarray:
+def resize_and_crop(image, image_size: int, resize_to: int):
+  """torchvision's ``Resize(resize_to)`` then ``CenterCrop(image_size)`` on a Pillow image.
+
+  The shorter side becomes ``resize_to`` and the longer ``int(resize_to * long /
+  short)`` (Pillow's bilinear filter, which widens on downscaling: antialiased),
+  then the centre ``image_size`` square is cut at ``round((side - image_size) /
+  2)``: torchvision's arithmetic, so an ImageNet network sees what it saw in
+  its evaluation.
+  """
+  from PIL import Image
+
+  if resize_to < image_size:
+    raise ValueError(f'resize_to {resize_to} is smaller than the crop {image_size}')
+  w, h = image.size
+  short, long = min(w, h), max(w, h)
+  new_long = int(resize_to * long / short)
+  size = (resize_to, new_long) if w <= h else (new_long, resize_to)
+  if size != image.size:
+    image = image.resize(size, Image.Resampling.BILINEAR)
+  left, top = (int(round((side - image_size) / 2.0)) for side in size)
+  return image.crop((left, top, left + image_size, top + image_size))
+
+
+def load_rgb(path: str | os.PathLike, image_size: int, resize_to: int | None = None
+             ) -> np.ndarray:
   """One file as training sees it: uint8 ``[image_size, image_size, 3]``.
 
   ``read_image`` in RGB (alpha dropped), the shorter side scaled to
-  ``image_size`` and the centre cropped.
+  ``image_size`` and the centre cropped; with ``resize_to`` (a spec's, e.g.
+  256 for ImageNet's 224) the shorter side scaled to that and the centre
+  ``image_size`` square cropped (``resize_and_crop``).
   """
-  return np.asarray(fit_square(read_image(path, 'RGB'), image_size), np.uint8)
+  image = read_image(path, 'RGB')
+  fitted = (fit_square(image, image_size) if resize_to is None
+            else resize_and_crop(image, image_size, resize_to))
+  return np.asarray(fitted, np.uint8)
 
 
 def cache_key(listing: Listing, image_size: int) -> str:

@@ -51,6 +51,11 @@ class DatasetSpec:
   # Per-channel (mean, std) of the training images in [0, 1], subtracted and divided
   # by in ``preprocess``; None feeds [0, 1] as the book does.
   normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+  # How a photo becomes an image of ``image_shape`` in predict: its shorter side resized to
+  # ``resize_to``, then the centre cropped (torchvision's ImageNet evaluation: 256, then 224).
+  # None (older specs too): the shorter side resized to the image size itself, as image
+  # folders are read.
+  resize_to: int | None = None
 
   @property
   def num_classes(self) -> int:
@@ -61,9 +66,10 @@ class DatasetSpec:
 
   @classmethod
   def from_json(cls, saved: dict) -> 'DatasetSpec':
-    norm = saved.get('normalization')
+    norm, resize_to = saved.get('normalization'), saved.get('resize_to')
     return cls(saved['name'], tuple(saved['image_shape']), tuple(saved['class_names']),
-               (tuple(norm[0]), tuple(norm[1])) if norm else None)
+               (tuple(norm[0]), tuple(norm[1])) if norm else None,
+               None if resize_to is None else int(resize_to))
 
 
 SPECS = {

@@ -12,10 +12,17 @@ NumPy: torch is needed only to read or write ``.pt`` files.
 The d2l model has no auxiliary heads, so an imported tree has none either;
 ``merge_params`` grafts it onto a freshly initialised aux-enabled tree.
 
+The commands also take torchvision's GoogLeNet (``googlenet-1378be20.pth``,
+the ImageNet weights), told apart by its keys (``conv1.conv.weight``): it
+becomes a ``model=inception_v1`` run through ``inception_v1``'s conversion,
+with ImageNet's spec (the 1,000 class names, 224x224 cut from 256, ImageNet's
+mean and std) when it has 1,000 classes; export writes a run's state dict in
+the form its ``config.model`` has.
+
 Command line (needs the ``interop`` extra, i.e. PyTorch)::
 
   python -m gnet_jax.interop import MODEL.pt --workdir DIR [--config configs/X.py]
-  python -m gnet_jax.interop export DIR OUT.pt
+  python -m gnet_jax.interop export DIR OUT.pt    (or: export --workdir DIR --out OUT.pt)
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import os
 import pickle
 import re
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -33,7 +41,7 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
-from gnet_jax.errors import DependencyError, StateDictError
+from gnet_jax.errors import ConfigError, DependencyError, InputError, StateDictError
 from gnet_jax.models import B3_BLOCKS, B4_BLOCKS, B5_BLOCKS
 
 # The Inception convs in the order PyTorch registers (and saves) them, with kernel sizes.
@@ -350,19 +358,43 @@ def load_torch_file(path: str | os.PathLike, *, trust_pickle: bool = False
           'load it where they are defined and save model.state_dict() instead') from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e2:
       raise StateDictError(f'{path}: torch.load cannot read it ({_first_line(e2)})') from None
-  except (RuntimeError, EOFError, OSError, ValueError) as e:
-    raise StateDictError(f'{path}: not a PyTorch file torch.load can read ({_first_line(e)})'
-                         ) from None
+  except Exception as e:  # pylint: disable=broad-except  (on a text file the unpickler raises
+    # KeyError; other bytes give RuntimeError, EOFError, ValueError, IndexError, ...)
+    reason = (_first_line(e) if isinstance(e, (RuntimeError, OSError, ValueError))
+              else f'{type(e).__name__} while unpickling')
+    raise StateDictError(f'{path}: not a PyTorch file torch.load can read ({reason})') from None
   return normalize_keys(extract_state_dict(obj, path))
 
 
 def save_torch_file(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
-  """``torch.save`` of a state dict (NumPy or torch values), loadable with ``weights_only=True``."""
+  """``torch.save`` of a state dict (NumPy or torch values), loadable with ``weights_only=True``.
+
+  Written to a temporary name beside ``path`` and renamed over it, so a reader
+  never sees half a file and a failed write leaves none; a path that cannot be
+  written is an ``InputError`` naming it.
+  """
   torch = _import_torch()
   tensors = collections.OrderedDict(
       (k, v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)))
       for k, v in state_dict.items())
-  torch.save(tensors, os.fspath(path))
+  path = Path(path)
+  if path.is_dir():
+    raise InputError(f'{path} is a folder; give the file to write, e.g. {path / "model.pth"}')
+  tmp = None
+  try:
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp',
+                                     delete=False) as f:
+      tmp = f.name
+      torch.save(tensors, f)
+    umask = os.umask(0)  # a temporary file is private (0600); the result gets open()'s mode
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+  except OSError as e:
+    if tmp is not None:
+      Path(tmp).unlink(missing_ok=True)
+    raise InputError(f'cannot write {path} ({e.strerror or _first_line(e)}); choose a '
+                     'writable file in an existing folder') from None
 
 
 def _first_line(error: BaseException) -> str:
@@ -389,8 +421,11 @@ def import_to_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike,
   from gnet_jax import (checkpoint, config as config_lib, input_pipeline,  # late: not for NumPy use
                         state as state_lib, workdir as workdir_lib)
 
-  config_lib.validate(config)
   state_dict, notes = load_torch_file(path, trust_pickle=trust_pickle)
+  if is_torchvision(state_dict):
+    return import_torchvision(path, state_dict, notes, workdir, config)
+  _check_is_googlenet(path, state_dict)
+  config_lib.validate(config)
   imported = params_from_torch(state_dict)
   in_channels, num_classes = state_dict_io(state_dict)
   if config.dataset not in input_pipeline.SPECS:
@@ -421,18 +456,164 @@ def import_to_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike,
           'checkpoint': folder, 'tensors': len(state_dict)}
 
 
+# torchvision's GoogLeNet has this key and the d2l network has not ('0.0.weight' there).
+TORCHVISION_KEY = 'conv1.conv.weight'
+D2L_KEY = '0.0.weight'
+# torchvision's ImageNet evaluation: the shorter side to 256, the centre 224x224.
+IMAGENET_SIZE, IMAGENET_RESIZE = 224, 256
+
+
+def is_torchvision(state_dict: Mapping[str, Any]) -> bool:
+  """Whether a state dict is torchvision's GoogLeNet (else it is read as the d2l network's)."""
+  return TORCHVISION_KEY in state_dict
+
+
+def _check_is_googlenet(path: str | os.PathLike, state_dict: Mapping[str, Any]) -> None:
+  """Refuses a state dict with neither network's first convolution, naming its first keys."""
+  if D2L_KEY not in state_dict:
+    keys = list(state_dict)
+    raise StateDictError(
+        f'{path} is neither the d2l GoogLeNet (first key {D2L_KEY!r}) nor torchvision\'s '
+        f'(first key {TORCHVISION_KEY!r}): its first keys are '
+        f'{", ".join(map(repr, keys[:5]))}{f" and {len(keys) - 5} more" if len(keys) > 5 else ""}')
+
+
+def torchvision_spec(num_classes: int, image_size: int = IMAGENET_SIZE
+                     ) -> 'input_pipeline.DatasetSpec':
+  """The data set spec an imported torchvision GoogLeNet predicts with.
+
+  1,000 classes: ImageNet's (the class names ``inception_v1.imagenet_classes``,
+  224x224 cut from a 256 resize, ImageNet's mean and std), what
+  ``GoogLeNet_Weights.IMAGENET1K_V1`` was evaluated with. Otherwise classes
+  named by number at ``image_size``, cut the same way (the shorter side at
+  256/224 of it) with the same mean and std: torchvision's conventions.
+  """
+  from gnet_jax import inception_v1, input_pipeline
+
+  norm = (tuple(inception_v1.IMAGENET_MEAN), tuple(inception_v1.IMAGENET_STD))
+  if num_classes == 1000:
+    return input_pipeline.DatasetSpec('imagenet', (IMAGENET_SIZE, IMAGENET_SIZE, 3),
+                                      inception_v1.imagenet_classes(), norm, IMAGENET_RESIZE)
+  return input_pipeline.DatasetSpec(
+      'torchvision', (image_size, image_size, 3), tuple(str(i) for i in range(num_classes)),
+      norm, image_size * IMAGENET_RESIZE // IMAGENET_SIZE)
+
+
+def _torchvision_run(config: Any, num_classes: int, notes: list[str]
+                     ) -> tuple[Any, 'input_pipeline.DatasetSpec']:
+  """The config and spec of the run a torchvision file becomes; notes for each key changed.
+
+  ``model=inception_v1`` and ImageNet's mean and std whatever the config said.
+  With an image folder (``--config.data_dir``) of as many classes, its class
+  names and layout, so ``evaluate`` and ``train.py`` use it; else 1,000 classes
+  are ImageNet (224x224; evaluation data: tensorflow-datasets' ``imagenet2012``)
+  and other counts numbered classes.
+  """
+  import ml_collections
+
+  from gnet_jax import config as config_lib, image_folder, input_pipeline
+
+  config = ml_collections.ConfigDict(config.to_dict())  # a copy the import may change
+  changes: dict[str, Any] = {'model': 'inception_v1', 'normalize': True,
+                             'normalize_stats': 'imagenet'}
+  norm = torchvision_spec(num_classes).normalization
+  if config.dataset == 'image_folder' and config.data_dir:
+    listing = image_folder.scan(config.data_dir)
+    if len(listing.class_names) != num_classes:
+      raise StateDictError(
+          f'the network classifies into {num_classes} classes, but the image folder '
+          f'{config.data_dir} has {len(listing.class_names)}; give the folder it was trained on, '
+          'or leave --config.data_dir out (1,000 classes: ImageNet\'s names; else numbers)')
+    spec = input_pipeline.DatasetSpec('image_folder', (config.image_size,) * 2 + (3,),
+                                      listing.class_names, norm)
+  else:
+    if num_classes == 1000:
+      changes.update(image_size=IMAGENET_SIZE, dataset='imagenet2012', data_source='tfds',
+                     data_dir='', train_split='train', test_split='validation')
+    spec = torchvision_spec(num_classes, changes.get('image_size', config.image_size))
+  changed = [f'{key}={value!r}' for key, value in changes.items() if config[key] != value]
+  config.update(changes)
+  if changed:
+    notes.append(f"the run's config has {', '.join(changed)}: torchvision's GoogLeNet"
+                 + (' on ImageNet' if spec.name == 'imagenet' else ''))
+  if spec.name == 'torchvision' and config.dataset == 'image_folder' and not config.data_dir:
+    raise ConfigError(
+        f'a {num_classes}-class torchvision GoogLeNet goes with an image folder of as many '
+        'classes: add --config.data_dir=DIR (its class folders name the predictions), or give '
+        'a --config whose data set it classifies')
+  config_lib.validate(config)
+  return config, spec
+
+
+def import_torchvision(path: str | os.PathLike, state_dict: Mapping[str, Any], notes: list[str],
+                       workdir: str | os.PathLike, config: Any) -> dict:
+  """Writes torchvision's GoogLeNet (``state_dict``, from ``path``) as a step-0 checkpoint.
+
+  A ``model=inception_v1`` run of ``config`` (see ``_torchvision_run``) with
+  the file's params and BatchNorm statistics (``inception_v1.
+  variables_from_torchvision``, which names the first missing and unexpected
+  keys of another network's). Aux heads the file has but the run does not train
+  (``aux_weight`` 0) are left out, and ones the run trains but the file lacks
+  start fresh, each with a note. Everything is checked before the workdir's
+  lock is taken, so a refused import writes nothing.
+  """
+  from gnet_jax import checkpoint, inception_v1, state as state_lib, workdir as workdir_lib
+
+  try:
+    variables = inception_v1.variables_from_torchvision(state_dict)
+  except StateDictError as e:
+    raise StateDictError(f'{path}: {e}') from None
+  num_classes, has_aux = inception_v1.state_dict_layout(state_dict)
+  config, spec = _torchvision_run(config, num_classes, notes)
+  model, tx, state = state_lib.build(config, spec)
+  wants_aux = bool(getattr(model, 'aux_logits', False))
+  if has_aux and not wants_aux:
+    for collection in variables.values():
+      for head in inception_v1.AUX_HEADS:
+        collection.pop(head, None)
+    notes.append('left out the aux heads (aux1, aux2): --config.aux_weight=0 trains none')
+  elif wants_aux and not has_aux:
+    notes.append('aux heads (aux1, aux2) are freshly initialised: the file has none')
+  params = merge_params(variables['params'], state.params)
+  batch_stats = merge_params(variables['batch_stats'], state.batch_stats)
+  state = state.replace(params=params, batch_stats=batch_stats,
+                        opt_state=state_lib.init_opt_state(tx, params))
+  with workdir_lib.hold(Path(workdir).absolute()):  # not into a workdir a run is training in
+    folder = checkpoint.save_state(workdir, state, config, spec.to_json())
+  return {'in_channels': 3, 'num_classes': num_classes, 'notes': notes, 'checkpoint': folder,
+          'tensors': len(state_dict), 'network': "torchvision's GoogLeNet", 'spec': spec.name,
+          'config': config}
+
+
 def export_from_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike,
                            step: int | None = None) -> dict:
-  """Saves the params of ``workdir``'s newest readable checkpoint (or ``step``'s) as a d2l
-  PyTorch state dict at ``out``; aux heads are left out. Returns a summary."""
-  from gnet_jax import state as state_lib  # late import, as above
+  """Saves ``workdir``'s newest readable checkpoint (or ``step``'s) as a PyTorch state dict.
 
-  state, _, restored_step, _ = state_lib.load_checkpoint(workdir, step)
+  A ``model=inception_v1`` run: torchvision's GoogLeNet state dict (params and
+  running statistics; the aux heads when the run has them; ``num_batches_tracked``
+  the checkpoint's step), which ``googlenet(num_classes=..., aux_logits=...)
+  .load_state_dict(strict=True)`` accepts. A d2l run: the d2l network's params,
+  aux heads left out. Returns a summary.
+  """
+  from gnet_jax import inception_v1, state as state_lib  # late import, as above
+
+  state, config, restored_step, _ = state_lib.load_checkpoint(workdir, step)
   params = state.params
-  dropped = [name for name in AUX_HEADS if name in params]
-  state_dict = params_to_torch(params, numpy=True)
+  dropped: list[str] = []
+  if config.model == 'inception_v1':
+    state_dict = inception_v1.variables_to_torchvision(
+        {'params': params, 'batch_stats': state.batch_stats},
+        num_batches_tracked=int(restored_step), numpy=True)
+    network = "torchvision's GoogLeNet"
+  else:
+    dropped = [name for name in AUX_HEADS if name in params]
+    state_dict = params_to_torch(params, numpy=True)
+    network = 'the d2l GoogLeNet'
   save_torch_file(state_dict, out)
-  return {'step': restored_step, 'tensors': len(state_dict), 'dropped': dropped}
+  return {'step': restored_step, 'tensors': len(state_dict), 'dropped': dropped,
+          'network': network, 'aux_logits': any(k.startswith('aux1.') for k in state_dict),
+          'num_classes': int(state_dict['fc.weight' if 'fc.weight' in state_dict
+                                        else '5.weight'].shape[0])}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -441,19 +622,39 @@ USAGE = """\
 usage: python -m gnet_jax.interop import MODEL.pt --workdir DIR [--config CONFIG.py]
                                          [--config.KEY=VALUE ...] [--trust_pickle]
        python -m gnet_jax.interop export DIR OUT.pt [--step N]
+       python -m gnet_jax.interop export --workdir DIR --out OUT.pt [--step N]
 
-import: reads a d2l GoogLeNet saved by PyTorch (a state dict, a dict wrapping one under
-  'state_dict', 'model_state_dict' or 'model', or with --trust_pickle a whole pickled
-  nn.Module) and writes a step-0 checkpoint in DIR for train.py (fine-tuning, with the same
-  --config) and python -m gnet_jax.evaluate. --config defaults to configs/default.py.
-export: writes the params of DIR's newest checkpoint (or --step N) as a PyTorch state dict
-  that the d2l nn.Sequential loads with load_state_dict.
+import: reads a d2l GoogLeNet or torchvision's GoogLeNet (e.g. googlenet-1378be20.pth, the
+  ImageNet weights) saved by PyTorch (a state dict, a dict wrapping one under 'state_dict',
+  'model_state_dict' or 'model', or with --trust_pickle a whole pickled nn.Module) and writes
+  a step-0 checkpoint in DIR for train.py, python -m gnet_jax.evaluate and predict. --config
+  defaults to configs/default.py (configs/finetune.py for torchvision's GoogLeNet, which
+  becomes a model=inception_v1 run; with 1,000 classes its predictions are ImageNet's).
+export: writes DIR's newest checkpoint (or --step N) as a PyTorch state dict that the d2l
+  nn.Sequential (a d2l run) or torchvision.models.googlenet (an inception_v1 run) loads
+  with load_state_dict.
 """
 
 
-def _default_config_path() -> str | None:
+def _explicit_config(argv: list[str]) -> bool:
+  return any(a == '--config' or a.startswith('--config=') for a in argv[1:])
+
+
+def _default_config_path(argv: list[str] | None = None) -> str | None:
+  """configs/default.py; configs/finetune.py when ``argv`` imports torchvision's GoogLeNet.
+
+  The file is looked at (``torch.load(weights_only=True)``) only for an import
+  without ``--config``; one that cannot be read is left for the import to refuse.
+  """
   from gnet_jax import config as config_lib
   path = config_lib.DEFAULT_CONFIG_FILE
+  if (argv and len(argv) > 2 and argv[1] == 'import' and not argv[2].startswith('-')
+      and not _explicit_config(argv)):
+    try:
+      if is_torchvision(load_torch_file(argv[2])[0]):
+        path = path.parent / 'finetune.py'
+    except InputError:
+      pass
   return str(path) if path.is_file() else None
 
 
@@ -466,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
   if any(a in ('-h', '--help', '-help', '--helpfull') for a in argv[1:]):
     print(USAGE)
     return 0
+  default_config = _default_config_path(argv)
   fv = flags.FlagValues()  # private: no clash with train.py's global flags
   from gnet_jax import cli  # pylint: disable=import-outside-toplevel
   from gnet_jax.errors import ConfigError
@@ -475,17 +677,19 @@ def main(argv: list[str] | None = None) -> int:
       # ml_collections' config loader uses a deprecated importlib call on Python >= 3.11.
       warnings.filterwarnings('ignore', message='.*load_module.*', category=DeprecationWarning)
       # Reads the --config.KEY=VALUE overrides from sys_argv when the default config loads.
-      config_flags.DEFINE_config_file('config', _default_config_path(),
+      config_flags.DEFINE_config_file('config', default_config,
                                       'Config file (configs/*.py) the checkpoint is for.',
                                       flag_values=fv, lock_config=True, sys_argv=argv)
-      flags.DEFINE_string('workdir', None, 'import: where the checkpoint goes.', flag_values=fv)
+      flags.DEFINE_string('workdir', None, 'import: where the checkpoint goes; export: the '
+                          'run to export.', flag_values=fv)
+      flags.DEFINE_string('out', None, 'export: the .pth file to write.', flag_values=fv)
       flags.DEFINE_bool('trust_pickle', False, 'import: allow full unpickling (runs code from '
                         'the file) to read a whole pickled nn.Module.', flag_values=fv)
       flags.DEFINE_integer('step', None, 'export: the checkpoint step (default: newest).',
                            flag_values=fv)
       args = cli.parse_config_flags(argv, fv)[1:]
   except (AttributeError, KeyError) as e:  # the default config loads, overrides applied, above
-    print(f'error: {cli.config_mistake(argv, e, _default_config_path())}', file=sys.stderr)
+    print(f'error: {cli.config_mistake(argv, e, default_config)}', file=sys.stderr)
     return 2
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
@@ -508,19 +712,35 @@ def _run(args: list[str], fv) -> int:
     result = import_to_checkpoint(args[1], fv.workdir, config, trust_pickle=fv.trust_pickle)
     for note in result['notes']:
       print(f'note: {note}')
-    print(f'imported {result["tensors"]} tensors from {args[1]} ({result["in_channels"]} '
-          f'input channel(s), {result["num_classes"]} classes) into {result["checkpoint"]}')
-    print(f'evaluate:  python -m gnet_jax.evaluate --workdir {fv.workdir}')
     config_file = config_flags.get_config_filename(fv['config'])
-    print(f'fine-tune: python train.py --config {config_file} --workdir {fv.workdir} '
-          '(with the same config overrides as this import)')
-  elif len(args) == 3 and args[0] == 'export':
-    result = export_from_checkpoint(args[1], args[2], fv.step)
+    if 'spec' in result:  # torchvision's GoogLeNet
+      print(f'imported {result["tensors"]} tensors from {args[1]} (torchvision\'s GoogLeNet, '
+            f'{result["num_classes"]} classes: {result["spec"]}) into {result["checkpoint"]}')
+      print(f'predict:   python -m gnet_jax.predict --workdir {fv.workdir} IMAGE.jpg')
+      print(f'fine-tune: python train.py --config {config_file} --config.data_dir=DIR '
+            f'--config.init_from={fv.workdir} --workdir NEW_DIR')
+    else:
+      print(f'imported {result["tensors"]} tensors from {args[1]} ({result["in_channels"]} '
+            f'input channel(s), {result["num_classes"]} classes) into {result["checkpoint"]}')
+      print(f'evaluate:  python -m gnet_jax.evaluate --workdir {fv.workdir}')
+      print(f'fine-tune: python train.py --config {config_file} --workdir {fv.workdir} '
+            '(with the same config overrides as this import)')
+  elif args and args[0] == 'export':
+    if len(args) == 3 and not fv.workdir and not fv.out:
+      workdir, out = args[1], args[2]
+    elif len(args) == 1 and fv.workdir and fv.out:
+      workdir, out = fv.workdir, fv.out
+    else:
+      print(f'error: export takes DIR OUT.pt, or --workdir DIR --out OUT.pt\n{USAGE}',
+            file=sys.stderr)
+      return 2
+    result = export_from_checkpoint(workdir, out, fv.step)
     if result['dropped']:
       print(f'note: left out {", ".join(result["dropped"])} (training-only aux heads, '
             'absent from the d2l model)')
-    print(f'exported the checkpoint at step {result["step"]} of {args[1]} to {args[2]} '
-          f'({result["tensors"]} tensors)')
+    print(f'exported the checkpoint at step {result["step"]} of {workdir} to {out} '
+          f'({result["tensors"]} tensors of {result["network"]}, {result["num_classes"]} '
+          f'classes{", with aux heads" if result["aux_logits"] else ""})')
   else:
     print(f'error: unexpected arguments: {" ".join(args) or "(none)"}\n{USAGE}',
           file=sys.stderr)

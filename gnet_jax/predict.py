@@ -1,9 +1,11 @@
 """Ask a checkpoint about your own images: ``python -m gnet_jax.predict --workdir DIR IMAGE...``.
 
 Restores the newest readable checkpoint in ``DIR/checkpoints`` (or ``--step N``),
-rebuilds the model from the config saved with it, and prints the three most
-likely classes, with their names and softmax probabilities, for each PNG/JPEG
-file (``--json``: one JSON document instead).
+rebuilds the model from the config saved with it, and prints the most likely
+classes, with their names and softmax probabilities, for each PNG/JPEG file
+(``--json``: one JSON document instead): the top five for a run of 100 classes
+or more (ImageNet's measure; an imported ImageNet GoogLeNet), the top three
+otherwise (``top_k``).
 
 Each file is converted the way the dataset's images look:
 
@@ -20,6 +22,12 @@ Each file is converted the way the dataset's images look:
   with the background's brightness (the median of the border after
   inversion), so a photo should be cropped roughly around the digit or item.
   A 28x28 image (e.g. a test image saved as PNG) passes through unchanged.
+
+Colour runs read the file in RGB as their image folders are read (the shorter
+side scaled to the image size, the centre cropped), or, when the run's spec
+says ``resize_to`` (an imported ImageNet network: 256), as torchvision's
+ImageNet evaluation does: the shorter side to 256 (bilinear, antialiased),
+the centre 224x224 (``image_folder.resize_and_crop``).
 
 The model then sees it exactly as in training and evaluation:
 ``input_pipeline.preprocess`` scales to [0, 1] and resizes to the run's ``image_size``
@@ -41,6 +49,8 @@ from gnet_jax.errors import DatasetError, InputError
 
 INVERT_CHOICES = ('auto', 'yes', 'no')
 TOP_K = 3
+# From this many classes on, the top five are shown (ImageNet's top-5), else ``TOP_K``.
+TOP5_FROM_CLASSES = 100
 # Images per forward pass: a batch is padded up to a power of two (at most this), so a
 # handful of images compiles one small program and many images reuse one larger one.
 MAX_BATCH = 32
@@ -100,7 +110,7 @@ def load_for(spec, path: str | os.PathLike, invert: str = 'auto') -> tuple[np.nd
       raise InputError(f'--invert {invert} applies to grey runs (the MNIST family, light on '
                        f'dark); this run ({spec.name}) reads colour images as they are, never '
                        'inverted: leave --invert out')
-    return image_folder.load_rgb(path, spec.image_shape[0]), False
+    return image_folder.load_rgb(path, spec.image_shape[0], spec.resize_to), False
   return load_image(path, spec.image_shape[:2], invert)
 
 
@@ -142,6 +152,11 @@ def make_predict_fn(model: Any, variables: Any, image_size: int,
   return predict
 
 
+def top_k(num_classes: int) -> int:
+  """How many classes predict shows: five for 100 classes or more, else three."""
+  return 5 if num_classes >= TOP5_FROM_CLASSES else TOP_K
+
+
 def top_classes(probs: np.ndarray, names: Sequence[str], k: int = TOP_K) -> list[dict]:
   """The ``k`` most likely classes, most likely first: ``{class, name, probability}``."""
   order = np.argsort(-probs, kind='stable')[:k]
@@ -150,7 +165,7 @@ def top_classes(probs: np.ndarray, names: Sequence[str], k: int = TOP_K) -> list
 
 def predict_images(workdir: str | Path, paths: Sequence[str | os.PathLike],
                    step: int | None = None, invert: str = 'auto') -> list[dict]:
-  """Top-3 classes of each image file under a checkpoint of ``workdir``.
+  """The top classes (``top_k``) of each image file under a checkpoint of ``workdir``.
 
   Returns one dict per path, in order: ``{path, top: [{class, name,
   probability}], inverted, step}`` (``step``: the checkpoint that answered).
@@ -173,7 +188,8 @@ def predict_images(workdir: str | Path, paths: Sequence[str | os.PathLike],
   model = state_lib.create_model(config, spec)
   predict = make_predict_fn(model, host_state.variables, config.image_size, spec.normalization)
   probs = predict(np.stack([pixels for pixels, _ in loaded]))
-  return [{'path': str(p), 'top': top_classes(row, spec.class_names), 'inverted': inverted,
+  k = top_k(spec.num_classes)
+  return [{'path': str(p), 'top': top_classes(row, spec.class_names, k), 'inverted': inverted,
            'step': restored_step}
           for p, (_, inverted), row in zip(paths, loaded, probs)]
 
@@ -181,11 +197,13 @@ def predict_images(workdir: str | Path, paths: Sequence[str | os.PathLike],
 def format_results(results: list[dict]) -> str:
   """Human-readable: one block per image, the top classes with percentages."""
   lines = []
+  width = max([12] + [len(t['name']) for r in results for t in r['top']])
   for r in results:
     note = ' (inverted: dark on light)' if r['inverted'] else ''
     lines.append(f'{r["path"]}{note}')
     for rank, t in enumerate(r['top'], 1):
-      lines.append(f'  {rank}. {t["name"]:<12} (class {t["class"]}) {100 * t["probability"]:6.2f}%')
+      lines.append(f'  {rank}. {t["name"]:<{width}} (class {t["class"]}) '
+                   f'{100 * t["probability"]:6.2f}%')
   return '\n'.join(lines)
 
 
@@ -203,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m gnet_jax.predict',
-      description='Print the top-3 classes of PNG/JPEG images under a trained checkpoint.')
+      description='Print the top classes of PNG/JPEG images under a trained checkpoint (the top '
+                  '5 for runs of 100 classes or more, such as imported ImageNet weights, else 3).')
   from gnet_jax import cli
   cli.add_checkpoint_flags(parser, 'use')
   parser.add_argument('--invert', choices=INVERT_CHOICES, default='auto',
