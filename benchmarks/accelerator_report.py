@@ -760,7 +760,8 @@ def format_markdown(report: dict) -> str:
             for c in report['correctness']]
   lines = [f"# gnet-jax accelerator report{' (--smoke)' if report['settings']['smoke'] else ''}",
            '', f"JAX device: {jax_p.get('device_kind')} ({jax_p.get('platform')}); host "
-           f"{m['cpu']}, {m['cores']} cores; PyTorch: {torch_p.get('device') or report['torch_note']}",
+           f"{m['cpu']}, {m['cores']} cores; "
+           f"PyTorch: {torch_p.get('device') or report['torch_note']}",
            'versions: ' + ', '.join(f'{k} {v}' for k, v in m['versions'].items()),
            f"float32 matmul precision: jax_default_matmul_precision="
            f"{jax_p.get('matmul_precision_setting')}, measured rounding "

@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'torch', 'numpy')
@@ -161,7 +161,7 @@ def write_json(path: str | Path | None, obj: Any) -> None:
 # ----------------------------------------------------------------------------- workers
 
 
-def line_queue(stream) -> queue.Queue:
+def line_queue(stream: Iterable[str]) -> queue.Queue:
   """The lines of ``stream`` as they come, read by a thread (None at the end)."""
   lines: queue.Queue = queue.Queue()
 
@@ -255,7 +255,7 @@ def load_factory(spec: str) -> Callable:
 # ----------------------------------------------------------------------------- gnet-jax
 
 
-def random_batch(batch: int, size: int, seed: int = 0, channels: int = 1):
+def random_batch(batch: int, size: int, seed: int = 0, channels: int = 1) -> tuple[Any, Any]:
   """uint8 images and int32 labels, as the data pipeline hands them to a step."""
   import numpy as np
   rng = np.random.default_rng(seed)
@@ -263,7 +263,8 @@ def random_batch(batch: int, size: int, seed: int = 0, channels: int = 1):
           rng.integers(0, 10, batch).astype(np.int32))
 
 
-def gnet_config(size: int, batch: int, dtype: str = 'float32', kernels: str = 'auto', **more):
+def gnet_config(size: int, batch: int, dtype: str = 'float32', kernels: str = 'auto',
+                **more: Any) -> Any:
   """The default config (the book's recipe: plain SGD lr 0.1, seed 0) on one device."""
   from gnet_jax import config as config_lib
   config = config_lib.default_config()
@@ -273,7 +274,7 @@ def gnet_config(size: int, batch: int, dtype: str = 'float32', kernels: str = 'a
   return config
 
 
-def ops_at(rev: str):
+def ops_at(rev: str) -> Any:
   """``gnet_jax/ops.py`` as committed at ``rev`` (``git show``, so ``GIT_DIR`` is honoured),
   imported as a module of its own."""
   source = subprocess.run(['git', 'show', f'{rev}:gnet_jax/ops.py'], cwd=REPO, check=True,
@@ -287,7 +288,7 @@ def ops_at(rev: str):
 
 
 @contextlib.contextmanager
-def models_using(ops_module):
+def models_using(ops_module: Any) -> Iterator[None]:
   """Traces ``gnet_jax.models`` with ``ops_module`` in place of ``gnet_jax.ops`` (None: as is)."""
   from gnet_jax import models
   saved = models.ops

@@ -214,7 +214,8 @@ def start(name: str, variant: Variant, size: int, batch: int, torch_device: str,
   return harness.Worker(variant.factory, kwargs, env, name)
 
 
-def bench_size(args, size: int, variants: dict[str, Variant], reference: list[str]) -> dict:
+def bench_size(args: argparse.Namespace, size: int, variants: dict[str, Variant],
+               reference: list[str]) -> dict:
   """Every variant's workers at ``size``: warm-up, interleaved rounds per task, memory."""
   workers = {name: start(name, v, size, args.batch, args.torch_device, flops=i == 0)
              for i, (name, v) in enumerate(variants.items())}
@@ -281,7 +282,10 @@ def jax_platform() -> str:
   return out.stdout.strip().splitlines()[-1]
 
 
-def choose_variants(args, platform: str, parser) -> dict[str, Variant]:
+def choose_variants(args: argparse.Namespace, platform: str,
+                    parser: argparse.ArgumentParser) -> dict[str, Variant]:
+  """The gnet-jax columns: ``--ops-at`` revisions first, then ``--jax-variants`` (or the
+  platform's defaults), 'sweep' expanded."""
   names = (list(DEFAULT_CPU_VARIANTS if platform == 'cpu' else DEFAULT_ACCEL_VARIANTS)
            if args.jax_variants is None else
            [v.strip() for v in args.jax_variants.split(',') if v.strip()])
@@ -296,7 +300,7 @@ def choose_variants(args, platform: str, parser) -> dict[str, Variant]:
   return {**variants, **{n: known[n] for n in dict.fromkeys(names)}}
 
 
-def parse_args(argv: list[str] | None):
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--sizes', default='28,96', help='comma-separated image sizes (e.g. 224)')

@@ -1,13 +1,14 @@
-"""``python -m benchmarks.accelerator_report --smoke``: every path of the accelerator report, on CPU.
+"""``python -m benchmarks.accelerator_report --smoke``: every path of the report, on CPU.
 
 The smoke run is checked for what its report says (rows of both dtypes, both
 kernel sets, two batch sizes, PyTorch beside gnet-jax, correctness checks with
 numbers, the book's run for two seeds and their spread), never for its speed;
 on a CPU the device-vs-host comparison has nothing to compare and must say so
 instead of passing; in-process, a second virtual CPU device stands in for an
-accelerator, so that comparison runs the step on both. The helpers are checked
-for reporting a correctness failure as one, and for the peaks table. The smoke run shares the suite's
-persistent compilation cache (conftest), so a second run compiles little.
+accelerator, so that comparison runs the step on both. The helpers are
+checked for reporting a correctness failure as one, and for the peaks table.
+The smoke run shares the suite's persistent compilation cache (conftest), so a
+second run compiles little.
 """
 
 import importlib.util

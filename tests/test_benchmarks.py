@@ -157,7 +157,8 @@ def test_throughput_script_runs_one_tiny_step_and_prints_table(tmp_path):
     cells = [c.strip() for c in line.strip('|').split('|')]
     assert cells[4:6] == [f"{rate['median']:.1f}", f"{rate['min']:.1f}-{rate['max']:.1f}"]
     assert cells[7] == f"{row['gflops']:.1f}"
-    assert row['rounds'] == 2 and row['ratio']['min'] <= row['ratio']['median'] <= row['ratio']['max']
+    ratio = row['ratio']
+    assert row['rounds'] == 2 and ratio['min'] <= ratio['median'] <= ratio['max']
   assert result['workers']['gnet-jax kernels=xla']['compile_s'] > 0
   if HAS_TORCH:  # each round's ratio is to the faster PyTorch layout: it is 1, the other <= 1
     assert max(rows[n]['ratio']['max'] for n in throughput.TORCH_VARIANTS) == pytest.approx(1.0)

@@ -1,4 +1,5 @@
-"""``python -m benchmarks.replay``: a run's steps retraced from a checkpoint, in gnet-jax and in PyTorch."""
+"""``python -m benchmarks.replay``: a run's steps retraced from a checkpoint, in gnet-jax and
+in PyTorch."""
 
 import json
 import os
