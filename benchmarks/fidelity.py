@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -96,15 +95,12 @@ def _coerce(key: str, old, text: str):
 
 
 def load_config(path: str, overrides: list[str]):
-  """The config of ``path`` (a configs/*.py file) with ``--config.KEY=VALUE`` overrides applied."""
-  file = Path(path)
-  if not file.is_file():
-    raise UsageError(f'config file {path} does not exist; pass e.g. --config '
-                     'configs/fashion_mnist.py')
-  spec = importlib.util.spec_from_file_location(f'fidelity_config_{file.stem}', file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  """The config of ``path`` (a configs/*.py file, loaded as ``train.py`` loads it) with
+  ``--config.KEY=VALUE`` overrides applied."""
+  from gnet_jax import cli
+  config, problem = cli.load_config_file(path)
+  if problem:
+    raise UsageError(problem)
   for item in overrides:
     if not item.startswith('--config.') or '=' not in item:
       raise UsageError(f'unexpected argument {item!r}; overrides look like --config.KEY=VALUE')
