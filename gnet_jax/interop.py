@@ -670,7 +670,6 @@ def main(argv: list[str] | None = None) -> int:
   default_config = _default_config_path(argv)
   fv = flags.FlagValues()  # private: no clash with train.py's global flags
   from gnet_jax import cli  # pylint: disable=import-outside-toplevel
-  from gnet_jax.errors import ConfigError
 
   try:
     with warnings.catch_warnings():
