@@ -52,7 +52,7 @@ class TrainState:
 
   @property
   def variables(self) -> dict:
-    """What ``model.apply`` takes: ``{'params': ...}``, with ``'batch_stats'`` when there are any."""
+    """What ``model.apply`` takes: ``{'params': ...}``, and ``'batch_stats'`` if there are any."""
     return model_variables({'params': self.params, 'batch_stats': self.batch_stats})
 
 

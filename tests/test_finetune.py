@@ -1,4 +1,4 @@
-"""``model=inception_v1`` in training: BatchNorm statistics through the step, devices and checkpoints.
+"""``model=inception_v1`` in training: BatchNorm statistics, fine-tuning controls, ``init_from``.
 
 torchvision's GoogLeNet runs from 15x15; these tests feed it 32x32 RGB
 pictures (``image_folders``), batch 4, one to three steps, so that each
