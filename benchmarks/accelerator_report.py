@@ -362,44 +362,24 @@ class TorchBench:
             'float32_settings': settings, 'float32_mode': rounding_mode(errors)}
 
   def row(self, req: dict) -> dict:
-    """One training row: the first step (compile included) apart, then timed steps."""
-    torch, cuda = self.torch, self.device.type == 'cuda'
-    from torch.nn import functional as F
-
-    from gnet_jax.torch_reference import googlenet
-    torch.manual_seed(0)
-    layout = torch.contiguous_format if req['variant'] == 'eager NCHW' else torch.channels_last
-    net = googlenet().to(self.device, memory_format=layout)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    images, labels = harness.random_batch(req['batch'], req['size'])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(self.device)
-    x, y = x.contiguous(memory_format=layout), torch.from_numpy(labels).long().to(self.device)
-    if req['variant'].startswith('compile'):
-      mode = 'max-autotune' if 'max-autotune' in req['variant'] else None
-      net = torch.compile(net, mode=mode, dynamic=False)
+    """One training row (``throughput.TorchSide``): the first step (compile included) apart,
+    then timed steps."""
+    from benchmarks.throughput import TorchSide
+    cuda, variant = self.device.type == 'cuda', req['variant']
+    compile_mode = (('max-autotune' if 'max-autotune' in variant else 'default')
+                    if variant.startswith('compile') else None)
+    side = TorchSide(req['size'], req['batch'], 'nchw' if variant == 'eager NCHW' else
+                     'channels_last', str(self.device), req['dtype'], compile_mode)
     if cuda:
-      torch.cuda.reset_peak_memory_stats()
-    autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=req['dtype'] == 'bfloat16')
-    times = []
-    for _ in range(1 + req['warmup'] + req['steps']):
-      t0 = time.perf_counter()
-      optimizer.zero_grad(set_to_none=True)
-      with autocast:
-        loss = F.cross_entropy(net(x), y)
-      loss.backward()
-      optimizer.step()
-      if cuda:
-        torch.cuda.synchronize()
-      times.append(time.perf_counter() - t0)
-    memory = ({'device_peak_bytes': int(torch.cuda.max_memory_allocated())} if cuda
+      self.torch.cuda.reset_peak_memory_stats()
+    times = side.train({'count': 1 + req['warmup'] + req['steps']})['times']
+    memory = ({'device_peak_bytes': int(self.torch.cuda.max_memory_allocated())} if cuda
               else {'rss_peak_bytes': harness.peak_rss_bytes()})
-    del net, optimizer
+    del side
     if cuda:
-      torch.cuda.empty_cache()
-    first = times[0] if req['variant'].startswith('compile') else None
-    return {'status': 'ok', 'step_s': times[1 + req['warmup']:], 'compile_cold_s': first,
-            **memory}
+      self.torch.cuda.empty_cache()
+    return {'status': 'ok', 'step_s': times[1 + req['warmup']:],
+            'compile_cold_s': times[0] if compile_mode else None, **memory}
 
 
 # ----------------------------------------------------------------------------- tasks

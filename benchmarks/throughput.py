@@ -144,9 +144,14 @@ class JaxSide:
 
 
 class TorchSide:
-  """A worker: the PyTorch original's train step (SGD) and eval on the same random batch."""
+  """A worker: the PyTorch original's train step (SGD) and eval on the same random batch.
 
-  def __init__(self, size: int, batch: int, layout: str = 'nchw', device: str = 'cpu'):
+  ``dtype='bfloat16'``: the forward pass under autocast; ``compile_mode``: the
+  network through ``torch.compile`` ('default' or e.g. 'max-autotune').
+  """
+
+  def __init__(self, size: int, batch: int, layout: str = 'nchw', device: str = 'cpu',
+               dtype: str = 'float32', compile_mode: str | None = None):
     import torch
     from torch.nn import functional as F
 
@@ -157,6 +162,11 @@ class TorchSide:
     memory_format = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
     self.net = googlenet().to(self.device, memory_format=memory_format)
     self.optimizer = torch.optim.SGD(self.net.parameters(), lr=0.1)
+    if compile_mode:
+      self.net = torch.compile(self.net, mode=None if compile_mode == 'default' else compile_mode,
+                               dynamic=False)
+    self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                   enabled=dtype == 'bfloat16')
     images, labels = harness.random_batch(batch, size)
     self.x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(
         self.device).contiguous(memory_format=memory_format)
@@ -173,8 +183,10 @@ class TorchSide:
   def train(self, req: dict) -> dict:
     def step():
       self.net.train()
-      self.optimizer.zero_grad()
-      self.F.cross_entropy(self.net(self.x), self.y).backward()
+      self.optimizer.zero_grad(set_to_none=True)
+      with self.autocast:
+        loss = self.F.cross_entropy(self.net(self.x), self.y)
+      loss.backward()
       self.optimizer.step()
     return {'times': [self._timed(step) for _ in range(req['count'])]}
 
