@@ -78,8 +78,11 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_variables(config: ml_collections.ConfigDict, path: str | os.PathLike) -> dict:
-  """``{'params', 'batch_stats'}`` from ``path`` for a run of ``config.model``; host arrays."""
-  where = Path(path)
+  """``{'params', 'batch_stats'}`` from ``path`` for a run of ``config.model``; host arrays.
+
+  A leading ``~`` is the home folder (a shell leaves ``--config.init_from=~/...`` as is).
+  """
+  where = Path(path).expanduser()
   if where.is_dir():
     saved, _ = state_lib.read_run(where)
     if saved.model != config.model:
@@ -95,7 +98,7 @@ def load_variables(config: ml_collections.ConfigDict, path: str | os.PathLike) -
                          f'model inception_v1 (torchvision\'s GoogLeNet), not {config.model}; '
                          'add --config.model=inception_v1')
   try:
-    return inception_v1.variables_from_torchvision(read_torch_state_dict(path))
+    return inception_v1.variables_from_torchvision(read_torch_state_dict(where))
   except StateDictError as e:
     if str(e).startswith('--config.init_from'):
       raise

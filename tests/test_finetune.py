@@ -386,16 +386,19 @@ def test_bad_init_from_is_one_error_line_and_writes_nothing(folder, quickstart_c
   assert len(errors) == 1 and message in errors[0], err
 
 
-def test_init_from_a_file_without_aux_heads_leaves_them_fresh(torchvision_file, tmp_path):
+def test_init_from_a_file_without_aux_heads_leaves_them_fresh(torchvision_file, tmp_path,
+                                                              monkeypatch):
   import torch
   from gnet_jax import finetune
   state_dict = torch.load(torchvision_file, weights_only=True)
-  path = save_torch({k: v for k, v in state_dict.items() if not k.startswith('aux')},
-                    tmp_path / 'no_aux.pth')
+  save_torch({k: v for k, v in state_dict.items() if not k.startswith('aux')},
+             tmp_path / 'no_aux.pth')
+  monkeypatch.setenv('HOME', str(tmp_path))
+  path = '~/no_aux.pth'  # as a shell passes --config.init_from=~/no_aux.pth
   config, _, tx, state = built()
-  done = finetune.initialise(make_config(init_from=str(path)), state, tx)
+  done = finetune.initialise(make_config(init_from=path), state, tx)
   assert done.fresh == ['fc', 'aux1', 'aux2'] and not done.unused
-  assert 'aux1: not in the source' in finetune.describe(str(path), done)
+  assert 'aux1: not in the source' in finetune.describe(path, done)
   chex.assert_trees_all_equal(done.state.params['aux1'], state.params['aux1'])
   imported = inception_v1.variables_from_torchvision(state_dict)
   chex.assert_trees_all_equal(done.state.params['conv1'], imported['params']['conv1'])
