@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from gnet_jax import xla_flags
@@ -23,7 +24,7 @@ xla_flags.apply_defaults()
 
 from configs import image_folder as image_folder_config  # noqa: E402
 from benchmarks import harness  # noqa: E402
-from gnet_jax import input_pipeline, metrics, train  # noqa: E402
+from gnet_jax import cli, input_pipeline, metrics, train  # noqa: E402
 
 # Name -> overrides of configs/image_folder.py; the last is the config as shipped.
 PLAIN = {'normalize': False, 'augment_crop': 'none', 'augment_flip': False, 'weight_decay': 0.0,
@@ -68,7 +69,7 @@ def run(name: str, overrides: dict, folder: Path, workdir: Path, args) -> dict:
           'seconds': sum(m['seconds'] for m in history)}
 
 
-def main() -> None:
+def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', type=Path, default=harness.REPO / 'runs' / 'own_data_recipes')
   parser.add_argument('--train-per-class', type=int, default=100)
@@ -95,7 +96,8 @@ def main() -> None:
           f"| {r['final_train_loss']:.3f} |")
   if args.json:
     args.json.write_text(json.dumps(results, indent=2) + '\n')
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(cli.run_command(main))  # bad input (data, config): one error line, exit status 2
