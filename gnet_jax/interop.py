@@ -366,6 +366,22 @@ def load_torch_file(path: str | os.PathLike, *, trust_pickle: bool = False
   return normalize_keys(extract_state_dict(obj, path))
 
 
+def check_writable(path: str | os.PathLike) -> Path:
+  """``path`` if a file can be written there (its folder exists and is writable), else
+  ``InputError``: checked before any work, so a bad ``--out`` costs nothing."""
+  path = Path(path)
+  if path.is_dir():
+    raise InputError(f'{path} is a folder; give the file to write, e.g. {path / "model.pth"}')
+  folder = path.parent
+  if not folder.is_dir():
+    raise InputError(f'cannot write {path}: {folder} is not a folder; create it or choose '
+                     'another file')
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise InputError(f'cannot write {path}: {folder} is not writable by this user; choose '
+                     'another file')
+  return path
+
+
 def save_torch_file(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
   """``torch.save`` of a state dict (NumPy or torch values), loadable with ``weights_only=True``.
 
@@ -377,9 +393,7 @@ def save_torch_file(state_dict: Mapping[str, Any], path: str | os.PathLike) -> N
   tensors = collections.OrderedDict(
       (k, v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)))
       for k, v in state_dict.items())
-  path = Path(path)
-  if path.is_dir():
-    raise InputError(f'{path} is a folder; give the file to write, e.g. {path / "model.pth"}')
+  path = check_writable(path)
   tmp = None
   try:
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp',
@@ -597,6 +611,7 @@ def export_from_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike,
   """
   from gnet_jax import inception_v1, state as state_lib  # late import, as above
 
+  check_writable(out)
   state, config, restored_step, _ = state_lib.load_checkpoint(workdir, step)
   params = state.params
   dropped: list[str] = []

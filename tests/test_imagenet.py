@@ -90,6 +90,22 @@ def test_import_writes_an_imagenet_inception_v1_run(net, imported):
     np.testing.assert_array_equal(flat_got[key], flat_want[key], err_msg=key)
 
 
+def test_imported_workdir_starts_a_fine_tuning_run(net, imported):
+  """The import's printed fine-tune command: --config.init_from=W takes W's weights."""
+  from gnet_jax import config as config_lib, finetune
+  workdir, stdout = imported
+  assert f'--config.init_from={workdir}' in stdout
+  config = config_lib.default_config()
+  config.model = 'inception_v1'
+  taken = finetune.load_variables(config, workdir)
+  want = inception_v1.variables_from_torchvision(
+      {k: v for k, v in net.state_dict().items() if not k.startswith('aux')})
+  flat_taken, flat_want = (dict(zip(*reversed(_flat(t)))) for t in (taken, want))
+  assert flat_taken.keys() == flat_want.keys()
+  for key in flat_want:
+    np.testing.assert_array_equal(flat_taken[key], flat_want[key], err_msg=key)
+
+
 def _flat(tree):
   import jax
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -160,10 +176,13 @@ def test_top_k_depends_on_the_class_count():
 
 
 @pytest.mark.parametrize('aux', [False, True])
-def test_export_loads_into_torchvision_with_identical_logits(net, pth, tmp_path, aux, capsys):
-  workdir, out = tmp_path / 'run', tmp_path / 'out.pth'
-  extra = ['--config.aux_weight=0.3'] if aux else []
-  assert interop.main(['interop', 'import', str(pth), '--workdir', str(workdir), *extra]) == 0
+def test_export_loads_into_torchvision_with_identical_logits(net, pth, imported, tmp_path, aux,
+                                                             capsys):
+  workdir, out = imported[0], tmp_path / 'out.pth'
+  if aux:  # a run that trains aux heads keeps the file's
+    workdir = tmp_path / 'run'
+    assert interop.main(['interop', 'import', str(pth), '--workdir', str(workdir),
+                         '--config.aux_weight=0.3']) == 0
   assert interop.main(['interop', 'export', '--workdir', str(workdir), '--out', str(out)]) == 0
   assert f"torchvision's GoogLeNet, 1000 classes{', with aux heads' if aux else ''})" in \
       capsys.readouterr().out
@@ -228,16 +247,32 @@ def test_numbered_classes_need_data_with_finetune_config(tmp_path, capsys):
 
 
 def test_import_into_an_image_folder_run_names_its_classes(tmp_path, capsys):
-  """With --config.data_dir the folder's class names label the classes (evaluate can use it)."""
+  """With --config.data_dir the folder's class names label the classes, and evaluate runs."""
+  from gnet_jax import evaluate
   from image_folders import CLASSES, make_folder
-  folder = make_folder(tmp_path / 'photos', {'train': 1, 'test': 1})
-  net = tv.googlenet(weights=None, num_classes=len(CLASSES), aux_logits=False, init_weights=True)
+  folder = make_folder(tmp_path / 'photos', {'train': 1, 'test': 2})
+  net = randomized_googlenet(aux_logits=False, seed=2)
+  net.fc = torch.nn.Linear(1024, len(CLASSES))
+  net.transform_input = True
   torch.save(net.state_dict(), tmp_path / 'three.pth')
   assert interop.main(['interop', 'import', str(tmp_path / 'three.pth'), '--workdir',
-                       str(tmp_path / 'run'), f'--config.data_dir={folder}']) == 0
+                       str(tmp_path / 'run'), f'--config.data_dir={folder}',
+                       '--config.image_size=64']) == 0
   config, spec = state_lib.read_run(tmp_path / 'run')
   assert (config.dataset, config.model) == ('image_folder', 'inception_v1')
   assert spec.class_names == CLASSES and spec.resize_to is None
+  # evaluate scores it as torchvision does on the same (host-decoded) test images.
+  result = evaluate.evaluate_checkpoint(tmp_path / 'run')
+  images, labels = result['examples']['images'], result['examples']['labels']
+  assert result['count'] == 2 * len(CLASSES) == len(images)
+  mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (inception_v1.IMAGENET_MEAN,
+                                                          inception_v1.IMAGENET_STD))
+  x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+  with torch.no_grad():
+    logits = net.eval()(x)
+  loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels).long()).item()
+  assert result['loss'] == pytest.approx(loss, rel=1e-4)
+  np.testing.assert_array_equal(result['examples']['predictions'], logits.argmax(1).numpy())
   torch.save(tv.googlenet(weights=None, num_classes=5, aux_logits=False,
                           init_weights=True).state_dict(), tmp_path / 'five.pth')
   code, err = run_main(capsys, 'import', str(tmp_path / 'five.pth'), '--workdir',
@@ -260,3 +295,16 @@ def test_export_to_an_unwritable_path_writes_nothing(imported, tmp_path, capsys)
     assert code == 2 and err.count('\n') == 1 and err.startswith('error: '), (out, err)
     assert str(out) in err, err
   assert sorted(p.name for p in tmp_path.rglob('*')) == before
+
+
+def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
+  """A write cut short (a full disk) leaves neither the file nor its temporary."""
+  def full_disk(obj, f):
+    f.write(b'half a file')
+    raise OSError(28, 'No space left on device')
+
+  out = tmp_path / 'out.pth'
+  monkeypatch.setattr(torch, 'save', full_disk)
+  with pytest.raises(interop.InputError, match=f'cannot write {out} .No space left on device'):
+    interop.save_torch_file({'w': np.zeros(3, np.float32)}, out)
+  assert list(tmp_path.iterdir()) == []
