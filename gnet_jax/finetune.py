@@ -7,7 +7,11 @@ trained with the same ``model``. Each top-level block of the new run's
 network (``conv1`` ... ``inception5b``, ``fc``, ``aux1``, ``aux2``) is taken
 when the source has it with the same shapes, and keeps its fresh
 initialisation otherwise: a classifier for another number of classes, aux
-heads the file lacks. ``describe`` says which in one line.
+heads the file lacks. The classifiers (``config.HEADS``) are fresh too when
+the source is known to classify other classes than the run's, even as many
+(a workdir trained on other class folders; a 1,000-class ``.pth`` file is
+ImageNet's): their rows would name the wrong classes. ``describe`` says which
+in one line.
 """
 
 from __future__ import annotations
@@ -82,15 +86,21 @@ def load_variables(config: ml_collections.ConfigDict, path: str | os.PathLike) -
 
   A leading ``~`` is the home folder (a shell leaves ``--config.init_from=~/...`` as is).
   """
+  return load_source(config, path)[0]
+
+
+def load_source(config: ml_collections.ConfigDict, path: str | os.PathLike
+                ) -> tuple[dict, tuple[str, ...] | None]:
+  """``load_variables`` and the class names the source classifies, where known (else None)."""
   where = Path(path).expanduser()
   if where.is_dir():
-    saved, _ = state_lib.read_run(where)
+    saved, spec = state_lib.read_run(where)
     if saved.model != config.model:
       raise StateDictError(f'--config.init_from={path} is a workdir of a {saved.model} run; this '
                            f'run trains {config.model}: give a {config.model} workdir, or set '
                            f'--config.model={saved.model}')
     state = state_lib.load_checkpoint(where).state
-    return {'params': state.params, 'batch_stats': state.batch_stats}
+    return {'params': state.params, 'batch_stats': state.batch_stats}, spec.class_names
   if not where.exists():
     raise StateDictError(f'--config.init_from={path}: no such file or folder')
   if config.model != 'inception_v1':
@@ -98,11 +108,14 @@ def load_variables(config: ml_collections.ConfigDict, path: str | os.PathLike) -
                          f'model inception_v1 (torchvision\'s GoogLeNet), not {config.model}; '
                          'add --config.model=inception_v1')
   try:
-    return inception_v1.variables_from_torchvision(read_torch_state_dict(where))
+    variables = inception_v1.variables_from_torchvision(read_torch_state_dict(where))
   except StateDictError as e:
     if str(e).startswith('--config.init_from'):
       raise
     raise StateDictError(f'--config.init_from={path}: {e}') from None
+  imagenet = inception_v1.imagenet_classes()
+  num_classes = np.shape(variables['params']['fc']['kernel'])[-1]
+  return variables, (imagenet if num_classes == len(imagenet) else None)
 
 
 def _shapes(tree: Any) -> Any:
@@ -110,9 +123,14 @@ def _shapes(tree: Any) -> Any:
 
 
 def initialise(config: ml_collections.ConfigDict, state: state_lib.TrainState,
-               tx: Any) -> Initialised:
-  """``state`` (a fresh host state) with every block ``config.init_from`` has in its shapes."""
-  source = load_variables(config, config.init_from)
+               tx: Any, class_names: tuple[str, ...] | None = None) -> Initialised:
+  """``state`` (a fresh host state) with every block ``config.init_from`` has in its shapes.
+
+  ``class_names``: the run's classes; a source known to classify others gives fresh heads.
+  """
+  source, source_classes = load_source(config, config.init_from)
+  other_classes = (class_names is not None and source_classes is not None
+                   and tuple(source_classes) != tuple(class_names))
   params, stats = dict(state.params), dict(state.batch_stats)
   taken, fresh, reasons = [], [], []
   order = config_lib.BLOCKS[config.model] + config_lib.HEADS[config.model]
@@ -123,6 +141,8 @@ def initialise(config: ml_collections.ConfigDict, state: state_lib.TrainState,
       reasons.append(f'{name}: not in the source')
       continue
     difference = _difference(theirs, params[name])
+    if not difference and other_classes and name in config_lib.HEADS[config.model]:
+      difference = 'the source classifies other classes'
     if difference:
       fresh.append(name)
       reasons.append(f'{name}: {difference}')

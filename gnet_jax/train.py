@@ -308,7 +308,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   tx = state_lib.create_optimizer(config, steps_per_epoch)
   init = state_lib.create_train_state(config, spec, model, tx)
   # Read before anything is written: a bad init_from stops the run with nothing in the workdir.
-  initialised = finetune.initialise(config, init, tx) if config.init_from else None
+  initialised = (finetune.initialise(config, init, tx, spec.class_names)
+                 if config.init_from else None)
   if initialised:
     init = initialised.state
   workdir = config_lib.check_workdir(workdir, checkpoint.bytes_needed(init, config))

@@ -428,3 +428,23 @@ def test_finetune_config_is_torchvisions_pretrained_setup():
   assert isinstance(model, inception_v1.InceptionV1) and model.transform_input
   assert (config.image_size, config.normalize_stats) == (224, 'imagenet')
   assert model.frozen_batch_stats == inception_v1.LAYERS + inception_v1.AUX_HEADS  # bn frozen
+
+
+@pytest.mark.parametrize('source_classes, fresh', [
+    (('x', 'y', 'z'), ['fc', 'aux1', 'aux2']),  # as many classes, other ones: new classifiers
+    (image_folders.CLASSES, []),                # the run's own classes: everything taken
+    (None, []),                                 # unknown (a .pth file of another size): shapes
+])
+def test_a_source_of_other_classes_gives_fresh_classifiers(monkeypatch, source_classes, fresh):
+  from gnet_jax import finetune
+  config, _, tx, state = built()
+  source = {'params': jax.tree.map(lambda x: np.asarray(x) + 1, state.params),
+            'batch_stats': state.batch_stats}
+  monkeypatch.setattr(finetune, 'load_source', lambda *_: (source, source_classes))
+  done = finetune.initialise(make_config(init_from='/source'), state, tx, image_folders.CLASSES)
+  assert done.fresh == fresh
+  for name in state.params:
+    want = state.params[name] if name in fresh else source['params'][name]
+    chex.assert_trees_all_equal(done.state.params[name], want)
+  if fresh:
+    assert 'fc: the source classifies other classes' in finetune.describe('/source', done)
