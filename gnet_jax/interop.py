@@ -550,6 +550,10 @@ def _torchvision_run(config: Any, num_classes: int, notes: list[str]
   if changed:
     notes.append(f"the run's config has {', '.join(changed)}: torchvision's GoogLeNet"
                  + (' on ImageNet' if spec.name == 'imagenet' else ''))
+  if spec.name == 'imagenet' and not config.transform_input:
+    notes.append('--config.transform_input=False: torchvision\'s ImageNet weights '
+                 '(googlenet-1378be20.pth) were trained with it True (configs/finetune.py sets '
+                 'it); keep False only for a network trained without it')
   if spec.name == 'torchvision' and config.dataset == 'image_folder' and not config.data_dir:
     raise ConfigError(
         f'a {num_classes}-class torchvision GoogLeNet goes with an image folder of as many '

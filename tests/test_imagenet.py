@@ -70,6 +70,7 @@ def test_import_writes_an_imagenet_inception_v1_run(net, imported):
   workdir, stdout = imported
   assert "torchvision's GoogLeNet, 1000 classes: imagenet" in stdout
   assert 'left out the aux heads' in stdout  # finetune.py trains none
+  assert 'transform_input=False' not in stdout  # finetune.py sets it, as the weights need
   assert f'python -m gnet_jax.predict --workdir {workdir}' in stdout
   state, config, step, spec = state_lib.load_checkpoint(workdir)
   assert step == 0
@@ -182,7 +183,8 @@ def test_export_loads_into_torchvision_with_identical_logits(net, pth, imported,
   if aux:  # a run that trains aux heads keeps the file's
     workdir = tmp_path / 'run'
     assert interop.main(['interop', 'import', str(pth), '--workdir', str(workdir),
-                         '--config.aux_weight=0.3']) == 0
+                         '--config.aux_weight=0.3', '--config.transform_input=False']) == 0
+    assert 'note: --config.transform_input=False' in capsys.readouterr().out
   assert interop.main(['interop', 'export', '--workdir', str(workdir), '--out', str(out)]) == 0
   assert f"torchvision's GoogLeNet, 1000 classes{', with aux heads' if aux else ''})" in \
       capsys.readouterr().out
@@ -191,6 +193,7 @@ def test_export_loads_into_torchvision_with_identical_logits(net, pth, imported,
   os.umask(umask)
   assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it, not 0600
   back = tv.googlenet(num_classes=1000, aux_logits=aux, init_weights=False, transform_input=True)
+  # (the exported file holds weights only: transform_input is the loader's, as for torchvision)
   back.load_state_dict(torch.load(out, weights_only=True), strict=True)
   original = net.state_dict()
   for key, value in back.state_dict().items():
