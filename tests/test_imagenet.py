@@ -147,7 +147,15 @@ def test_reader_is_torchvisions_imagenet_preprocessing():
                              (ours / 255.0 - mean) / std, atol=1e-6)
 
 
-def test_predict_prints_torchvisions_top5(net, imported, capsys):
+@pytest.fixture
+def float32_matmuls():
+  """No TF32/bf16 passes on an accelerator: the comparisons with torch are at float32."""
+  import jax
+  with jax.default_matmul_precision('float32'):
+    yield
+
+
+def test_predict_prints_torchvisions_top5(net, imported, capsys, float32_matmuls):
   workdir, _ = imported
   path = photo()
   assert predict.main(['--workdir', str(workdir), path]) == 0
@@ -249,7 +257,7 @@ def test_numbered_classes_need_data_with_finetune_config(tmp_path, capsys):
   assert not (tmp_path / 'run').exists()
 
 
-def test_import_into_an_image_folder_run_names_its_classes(tmp_path, capsys):
+def test_import_into_an_image_folder_run_names_its_classes(tmp_path, capsys, float32_matmuls):
   """With --config.data_dir the folder's class names label the classes, and evaluate runs."""
   from gnet_jax import evaluate
   from image_folders import CLASSES, make_folder
