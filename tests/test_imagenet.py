@@ -8,6 +8,8 @@ into ``torchvision.models.googlenet`` and give torchvision's logits. Bad input
 is one ``error:`` line each, exit 2, and nothing written.
 """
 
+import contextlib
+import io
 import os
 import re
 
@@ -23,7 +25,7 @@ from gnet_jax import (image_folder, inception_v1, input_pipeline, interop, predi
 from test_inception_v1 import randomized_googlenet  # noqa: E402
 
 tv = torch_reference.torchvision_models()  # also imports torchvision.transforms
-transforms = __import__('torchvision.transforms', fromlist=['transforms'])
+from torchvision import transforms  # noqa: E402  (loaded above, without its C extension)
 
 
 def photo() -> str:
@@ -49,8 +51,6 @@ def pth(net, tmp_path_factory):
 def imported(pth, tmp_path_factory):
   """``interop import FILE --workdir W`` with no --config: configs/finetune.py's run."""
   workdir = tmp_path_factory.mktemp('imported') / 'run'
-  import contextlib
-  import io
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     assert interop.main(['interop', 'import', str(pth), '--workdir', str(workdir)]) == 0
