@@ -289,6 +289,21 @@ def _save(manager, workdir: Path, step: int, state: TrainState, runner: parallel
   checkpoint.save(manager, step, runner.to_host(state), config, spec.to_json())
 
 
+def _initial_state(config: ml_collections.ConfigDict, spec: input_pipeline.DatasetSpec,
+                   model: Any, tx: optax.GradientTransformation
+                   ) -> tuple[TrainState, finetune.Initialised | None]:
+  """The fresh host state, with ``config.init_from``'s weights where it names a source.
+
+  Read before anything is written: a bad ``init_from`` stops the run with
+  nothing in the workdir.
+  """
+  init = state_lib.create_train_state(config, spec, model, tx)
+  if not config.init_from:
+    return init, None
+  initialised = finetune.initialise(config, init, tx, spec.class_names)
+  return initialised.state, initialised
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
                        model: Any = None, after_step: AfterStep | None = None) -> dict:
   """Trains ``config`` for ``num_epochs``, writing metrics, curves and checkpoints to ``workdir``.
@@ -306,12 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   spec = data.spec
   model = model or state_lib.create_model(config, spec)
   tx = state_lib.create_optimizer(config, steps_per_epoch)
-  init = state_lib.create_train_state(config, spec, model, tx)
-  # Read before anything is written: a bad init_from stops the run with nothing in the workdir.
-  initialised = (finetune.initialise(config, init, tx, spec.class_names)
-                 if config.init_from else None)
-  if initialised:
-    init = initialised.state
+  init, initialised = _initial_state(config, spec, model, tx)
   workdir = config_lib.check_workdir(workdir, checkpoint.bytes_needed(init, config))
   parallel.check_shared_workdir(workdir)
   # From here on this run alone writes to the workdir: a second run is refused here,
