@@ -15,7 +15,9 @@ In order of importance, within ``--budget-s`` (compiles included):
    warm persistent cache, the float32 matmul precision in force;
 3. the PyTorch original on the same device (eager NCHW and channels_last,
    ``torch.compile``; float32 and bfloat16 autocast), and gnet-jax's ratio to
-   the fastest variant at equal precision and batch;
+   the fastest variant at equal precision and batch; then torchvision's
+   GoogLeNet (``--config.model=inception_v1``, aux heads on) at 224x224 against
+   ``torchvision.models.googlenet`` the same way;
 4. the book's run, ``train.py --config configs/fashion_mnist.py``, and the
    same for more seeds: the final test accuracies' spread beside the book's
    0.886 (one run is a draw, not the recipe's result).
@@ -65,16 +67,19 @@ class Plan:
   larger_dtypes: tuple[str, ...] = DTYPES  # dtypes of the rows beyond the first batch
   custom_everywhere: bool = True  # kernels=custom beyond the correctness rows' shape
   book_overrides: tuple[str, ...] = ()
+  # (size, batch) rows of torchvision's GoogLeNet (model=inception_v1) in ``larger_dtypes``
+  inception_v1: tuple[tuple[int, int], ...] = ()
 
 
 FULL = Plan(sizes=(96, 224), batches=(128, 256, 512, 1024), warmup=3, steps=10, sgd_steps=3,
-            book_seeds=5)
+            book_seeds=5, inception_v1=((224, 128),))
 # Every code path at sizes that compile in seconds on a small CPU.
 SMOKE = Plan(sizes=(32,), batches=(2, 4), warmup=1, steps=2, sgd_steps=2, book_seeds=2,
              larger_dtypes=('float32',), custom_everywhere=False,
              book_overrides=('--config.image_size=32', '--config.batch_size=4',
                              '--config.num_epochs=2', '--config.train_examples=8',
-                             '--config.eval_examples=8', '--config.data_source=idx'))
+                             '--config.eval_examples=8', '--config.data_source=idx'),
+             inception_v1=((32, 2),))
 SMOKE_BUDGET_S = 600  # a cap for slow, shared machines; a quiet 2-core VM needs a few minutes
 SMOKE_TORCH_COMPILE_CAP_S = 10  # torch.compile is tried on CPU only if it fits this
 BOOK_TEST_ACC = 0.886  # d2l 8.4, the PyTorch run's last epoch
@@ -182,11 +187,11 @@ def compare_steps(name: str, kernels: str, got: dict, ref: dict) -> dict:
 class JaxBench:
   """A worker: gnet-jax on JAX's default device (probe, correctness checks, training rows)."""
 
-  def __init__(self, sizes: list[int]):
+  def __init__(self, sizes: list[int], inception_sizes: tuple[int, ...] = ()):
     from gnet_jax import xla_flags
     xla_flags.apply_defaults()  # before JAX starts, as train.py does
     import jax
-    self.jax, self.sizes = jax, sizes
+    self.jax, self.sizes, self.inception_sizes = jax, sizes, inception_sizes
     self.device, self.host = jax.devices()[0], jax.devices('cpu')[0]
     self.compiled: dict[tuple, tuple] = {}
     self.sgd_runs: dict[tuple, dict] = {}
@@ -199,7 +204,7 @@ class JaxBench:
       self.cache_hits += 1
 
   def _compiled(self, size: int, batch: int, dtype: str, kernels: str, on_host: bool = False,
-                check: bool = False):
+                check: bool = False, model: str = 'd2l'):
     """(steps, compiled train step, compile seconds), compiled once per shape and device.
 
     The correctness checks compile at 'highest' precision and the rows at the
@@ -207,9 +212,10 @@ class JaxBench:
     the rows' compiled float32 steps serve the checks too.
     """
     highest = check and self.device.platform != 'cpu'
-    key = (size, batch, dtype, kernels, on_host, highest)
+    key = (size, batch, dtype, kernels, on_host, highest, model)
     if key not in self.compiled:
-      steps = harness.JaxSteps.build(harness.gnet_config(size, batch, dtype, kernels),
+      aux = harness.INCEPTION_AUX_WEIGHT if model == 'inception_v1' else 0.0
+      steps = harness.JaxSteps.build(harness.gnet_config(size, batch, dtype, kernels, model, aux),
                                      devices=[self.host if on_host else self.device])
       with self.jax.default_matmul_precision('highest' if highest else None):
         self.compiled[key] = (steps, *steps.compile())
@@ -232,7 +238,9 @@ class JaxBench:
             'device_kind': self.device.device_kind, 'num_devices': self.jax.device_count(),
             'matmul_precision_setting': setting or 'default', 'float32_errors': errors,
             'float32_mode': rounding_mode(errors),
-            'flops': {str(s): harness.model_flops(s) for s in self.sizes}}
+            'flops': {**{str(s): harness.model_flops(s) for s in self.sizes},
+                      **{flops_key(s, 'inception_v1'): harness.model_flops(s, 'inception_v1')
+                         for s in self.inception_sizes}}}
 
   def step_check(self, req: dict) -> dict:
     """float32 train step: device against host CPU (not applicable on a CPU), then custom vs xla."""
@@ -283,7 +291,8 @@ class JaxBench:
     """One training row: cold and warm-cache compile, optional SGD check, timed steps."""
     size, batch, dtype, kernels = req['size'], req['batch'], req['dtype'], req['kernels']
     peak_before = self._allocator_peak()
-    steps, compiled, cold_s = self._compiled(size, batch, dtype, kernels)
+    steps, compiled, cold_s = self._compiled(size, batch, dtype, kernels,
+                                             model=req.get('model', 'd2l'))
     self.jax.clear_caches()  # the next compile can only come from the persistent cache
     hits = self.cache_hits
     _, warm_s = steps.compile()
@@ -368,8 +377,10 @@ class TorchBench:
     cuda, variant = self.device.type == 'cuda', req['variant']
     compile_mode = (('max-autotune' if 'max-autotune' in variant else 'default')
                     if variant.startswith('compile') else None)
+    model = req.get('model', 'd2l')
     side = TorchSide(req['size'], req['batch'], 'nchw' if variant == 'eager NCHW' else
-                     'channels_last', str(self.device), req['dtype'], compile_mode)
+                     'channels_last', str(self.device), req['dtype'], compile_mode, model,
+                     harness.INCEPTION_AUX_WEIGHT if model == 'inception_v1' else 0.0)
     if cuda:
       self.torch.cuda.reset_peak_memory_stats()
     times = side.train({'count': 1 + req['warmup'] + req['steps']})['times']
@@ -394,19 +405,33 @@ class Task:
   group: tuple = ()  # rows of one group after an out-of-memory row are skipped
 
 
-def jax_row(size: int, batch: int, dtype: str, kernels: str, plan: Plan, sgd: bool = False
-            ) -> Task:
+def flops_key(size: int, model: str = 'd2l') -> str:
+  """The probe's FLOP count key: the size for the d2l network, 'inception_v1 SIZE' for it."""
+  return str(size) if model == 'd2l' else f'{model} {size}'
+
+
+def model_request(model: str) -> tuple[dict, str]:
+  """A row's request entry and label part for ``model`` (none for the d2l network)."""
+  return ({}, '') if model == 'd2l' else ({'model': model}, f'{model} ')
+
+
+def jax_row(size: int, batch: int, dtype: str, kernels: str, plan: Plan, sgd: bool = False,
+            model: str = 'd2l') -> Task:
+  extra, name = model_request(model)
   request = {'op': 'row', 'size': size, 'batch': batch, 'dtype': dtype, 'kernels': kernels,
-             'warmup': plan.warmup, 'steps': plan.steps, 'sgd_steps': plan.sgd_steps * sgd}
-  return Task('jax', f'gnet-jax {size}px batch {batch} {dtype} kernels={kernels}', request,
-              ('jax', size, dtype, kernels))
+             'warmup': plan.warmup, 'steps': plan.steps, 'sgd_steps': plan.sgd_steps * sgd,
+             **extra}
+  return Task('jax', f'gnet-jax {name}{size}px batch {batch} {dtype} kernels={kernels}', request,
+              ('jax', model, size, dtype, kernels))
 
 
-def torch_row(size: int, batch: int, dtype: str, variant: str, plan: Plan) -> Task:
+def torch_row(size: int, batch: int, dtype: str, variant: str, plan: Plan, model: str = 'd2l'
+              ) -> Task:
+  extra, name = model_request(model)
   request = {'op': 'row', 'size': size, 'batch': batch, 'dtype': dtype, 'variant': variant,
-             'warmup': plan.warmup, 'steps': plan.steps}
-  return Task('torch', f'PyTorch {size}px batch {batch} {dtype} {variant}', request,
-              ('torch', size, dtype, variant))
+             'warmup': plan.warmup, 'steps': plan.steps, **extra}
+  return Task('torch', f'PyTorch {name}{size}px batch {batch} {dtype} {variant}', request,
+              ('torch', model, size, dtype, variant))
 
 
 def book_task(seed: int) -> Task:
@@ -417,7 +442,8 @@ def plan_tasks(plan: Plan, torch_device: str | None, on_cpu: bool) -> list[Task]
   """Everything, most important first.
 
   Correctness (with gnet-jax's first size and batch), PyTorch there, the
-  book's run, both frameworks at the other sizes, the book's other seeds,
+  book's run, both frameworks at the other sizes, torchvision's GoogLeNet
+  (``plan.inception_v1``) in both frameworks, the book's other seeds,
   larger batches, then torch.compile's max-autotune (on CPU all of
   torch.compile goes last: it compiles for minutes there).
   """
@@ -442,6 +468,10 @@ def plan_tasks(plan: Plan, torch_device: str | None, on_cpu: bool) -> list[Task]
   tasks.append(book_task(0))
   tasks += [jax_row(s, first, d, 'xla', plan) for s in plan.sizes[1:] for d in DTYPES]
   tasks += torch_rows(plan.sizes[1:], (first,), now)
+  for s, b in plan.inception_v1:
+    tasks += [jax_row(s, b, d, 'xla', plan, model='inception_v1') for d in plan.larger_dtypes]
+    tasks += [torch_row(s, b, d, v, plan, 'inception_v1') for d in plan.larger_dtypes
+              for v in now] if torch_device else []
   tasks += [book_task(seed) for seed in range(1, plan.book_seeds)]
   tasks += [jax_row(s, b, d, 'xla', plan) for b in rest for s in plan.sizes
             for d in plan.larger_dtypes]
@@ -576,7 +606,9 @@ class Runner:
     if current is None or current.name != task.worker or current.proc.poll() is not None:
       self._close_worker()
       factory, kwargs = (('benchmarks.accelerator_report:JaxBench',
-                          {'sizes': list(self.plan.sizes)}) if task.worker == 'jax' else
+                          {'sizes': list(self.plan.sizes),
+                           'inception_sizes': [s for s, _ in self.plan.inception_v1]})
+                         if task.worker == 'jax' else
                          ('benchmarks.accelerator_report:TorchBench',
                           {'device': self.torch_device or 'cpu'}))
       self.worker = harness.Worker(factory, kwargs, self.env, task.worker)
@@ -589,7 +621,8 @@ class Runner:
 
   def run(self, tasks: list[Task]) -> None:
     for task in tasks:
-      kind = (task.worker, task.request.get('op'), task.request.get('variant'))
+      kind = (task.worker, task.request.get('op'), task.request.get('variant'),
+              task.request.get('model'))
       (deadline, limit), now = self._deadline(task), time.monotonic()
       if task.group and task.group in self.oom_groups:
         self.skip(task, 'a smaller batch of this kind ran out of device memory')
@@ -643,6 +676,7 @@ def summarize_row(task: Task, reply: dict, precision: dict) -> dict:
   """A table row: the request, img/s from the median step, FLOP/s, peak fraction, memory."""
   req = task.request
   row = {k: req[k] for k in ('size', 'batch', 'dtype', 'kernels', 'variant') if k in req}
+  row['model'] = req.get('model', 'd2l')
   row.update(framework='gnet-jax' if task.worker == 'jax' else 'PyTorch', status=reply['status'])
   if reply['status'] != 'ok':
     return {**row, 'error': reply.get('error')}
@@ -650,7 +684,7 @@ def summarize_row(task: Task, reply: dict, precision: dict) -> dict:
   rates = harness.summary(req['batch'] / t for t in reply['step_s'])
   img_per_s = rates['median']
   jax_p = precision.get('jax', {})
-  flops = jax_p.get('flops', {}).get(str(req['size']), {}).get('train')
+  flops = jax_p.get('flops', {}).get(flops_key(req['size'], row['model']), {}).get('train')
   tflops = img_per_s * flops / 1e12 if flops else None
   mode = ('bf16' if req['dtype'] == 'bfloat16' else
           precision.get(task.worker, {}).get('float32_mode', 'float32'))
@@ -665,18 +699,19 @@ def summarize_row(task: Task, reply: dict, precision: dict) -> dict:
 
 
 def add_ratios(report: dict, torch_note: str | None) -> None:
-  """gnet-jax's img/s over the fastest PyTorch variant at equal size, batch and dtype."""
+  """gnet-jax's img/s over the fastest PyTorch variant at equal model, size, batch and dtype."""
   for row in report['jax_rows']:
     if row['status'] != 'ok':
       continue
     rivals = [t for t in report['torch_rows'] if t['status'] == 'ok' and
-              (t['size'], t['batch'], t['dtype']) == (row['size'], row['batch'], row['dtype'])]
+              (t['model'], t['size'], t['batch'], t['dtype'])
+              == (row['model'], row['size'], row['batch'], row['dtype'])]
     if rivals:
       best = max(rivals, key=lambda t: t['img_per_s'])
       row.update(vs_torch=row['img_per_s'] / best['img_per_s'], vs_torch_variant=best['variant'])
     else:
       row.update(vs_torch=None,
-                 vs_torch_note=torch_note or 'no PyTorch row at this size, batch and dtype')
+                 vs_torch_note=torch_note or 'no PyTorch row at this model, size, batch and dtype')
 
 
 def correctness_passed(report: dict) -> bool:
@@ -696,8 +731,9 @@ def _num(x: float | None, fmt: str) -> str:
 
 
 def row_cells(r: dict) -> list:
-  head = [r['framework'], f"kernels={r['kernels']}" if 'kernels' in r else r['variant'],
-          r['size'], r['batch'], r['dtype']]
+  variant = f"kernels={r['kernels']}" if 'kernels' in r else r['variant']
+  model = '' if r.get('model', 'd2l') == 'd2l' else f"{r['model']}, "
+  head = [r['framework'], model + variant, r['size'], r['batch'], r['dtype']]
   if r['status'] != 'ok':
     return head + [f"{r['status']}: {r.get('error', '')}"] + [''] * 9
   memory = (f"{harness.gib(r.get('device_peak_bytes'))} device" if r.get('device_peak_bytes')
@@ -758,7 +794,9 @@ def format_markdown(report: dict) -> str:
                [row_cells(r) for r in report['jax_rows'] + report['torch_rows']]),
            '', "img/s: the median over the timed steps after warm-up (min-max); step ms: "
            "the median step; TFLOP/s from XLA's "
-           'cost analysis of GoogLeNet (benchmarks.harness.model_flops); % of peak against '
+           "cost analysis of the row's network (benchmarks.harness.model_flops; "
+           'inception_v1 rows: torchvision\'s GoogLeNet, aux heads on at loss weight '
+           f'{harness.INCEPTION_AUX_WEIGHT:g} in both frameworks); % of peak against '
            'the datasheet figure for the compute column (none for unknown devices); peak '
            "memory: the device allocator's high-water mark in the worker process (PyTorch: reset "
            'per row), or the process RSS on CPU; "<=" where an earlier row of the same process '

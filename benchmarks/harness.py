@@ -263,15 +263,36 @@ def random_batch(batch: int, size: int, seed: int = 0, channels: int = 1) -> tup
           rng.integers(0, 10, batch).astype(np.int32))
 
 
+# The networks a benchmark can train: the book's GoogLeNet on Fashion-MNIST's shape, and
+# torchvision's (``--config.model=inception_v1``) on ImageNet's (3 channels, 1,000 classes).
+MODELS = ('d2l', 'inception_v1')
+# inception_v1's aux heads train, at the paper's loss weight, as torchvision.models.googlenet()
+# builds them (aux_logits=True) unless a benchmark is told otherwise.
+INCEPTION_AUX_WEIGHT = 0.3
+
+
 def gnet_config(size: int, batch: int, dtype: str = 'float32', kernels: str = 'auto',
-                **more: Any) -> Any:
-  """The default config (the book's recipe: plain SGD lr 0.1, seed 0) on one device."""
+                model: str = 'd2l', aux_weight: float = 0.0, **more: Any) -> Any:
+  """The default config (the book's recipe: plain SGD lr 0.1, seed 0) on one device, for
+  ``model`` (aux heads on when ``aux_weight`` > 0)."""
   from gnet_jax import config as config_lib
   config = config_lib.default_config()
   config.update(image_size=size, batch_size=batch, dtype=dtype, kernels=kernels, num_devices=1,
-                parallelism='none', **more)
+                parallelism='none', model=model, aux_weight=aux_weight, **more)
   config_lib.validate(config)
   return config
+
+
+def data_spec(config: Any) -> Any:
+  """The data set spec a benchmark's random batches stand for: the config's data set for the
+  d2l network, ImageNet's shape, classes and normalisation for ``inception_v1``."""
+  from gnet_jax import inception_v1, input_pipeline
+  if config.model != 'inception_v1':
+    return input_pipeline.dataset_spec(config.dataset)
+  size = config.image_size
+  return input_pipeline.DatasetSpec(
+      'random imagenet-like', (size, size, 3), tuple(str(i) for i in range(1000)),
+      (inception_v1.IMAGENET_MEAN, inception_v1.IMAGENET_STD))
 
 
 def ops_at(rev: str) -> Any:
@@ -316,6 +337,7 @@ class JaxSteps:
   host_state: Any
   train_fn: Callable
   eval_fn: Callable
+  spec: Any
   ops: Any = None
 
   @classmethod
@@ -326,17 +348,18 @@ class JaxSteps:
     seeds each parameter by its path), so steps built for other sizes, dtypes
     or devices start from the same parameters.
     """
-    from gnet_jax import input_pipeline, parallel, state as state_lib, train
-    spec = input_pipeline.dataset_spec(config.dataset)
+    from gnet_jax import parallel, state as state_lib, train
+    spec = data_spec(config)
     runner = parallel.make_runner(config, devices)
     model, tx, host_state = state_lib.build(config, spec)
     return cls(config, runner, model, tx, host_state,
                train.make_train_step(runner, model, tx, config, spec),
-               train.compile_eval(runner, model, config.image_size, spec), ops)
+               train.compile_eval(runner, model, config.image_size, spec), spec, ops)
 
   def batch(self, seed: int = 0, eval_mask: bool = False) -> Any:
     import numpy as np
-    images, labels = random_batch(self.config.batch_size, self.config.image_size, seed)
+    images, labels = random_batch(self.config.batch_size, self.config.image_size, seed,
+                                  self.spec.image_shape[-1])
     batch = {'image': images, 'label': labels}
     if eval_mask:
       batch['mask'] = np.ones(len(labels), bool)
@@ -353,27 +376,31 @@ class JaxSteps:
     return compiled, time.perf_counter() - t0
 
 
-def model_flops(size: int, channels: int = 1, num_classes: int = 10) -> dict[str, float]:
-  """FLOPs per image from XLA's cost analysis of GoogLeNet (stock ops, batch 1).
+def model_flops(size: int, model: str = 'd2l') -> dict[str, float]:
+  """FLOPs per image from XLA's cost analysis of ``model`` (stock ops, batch 1).
 
   ``eval``: the forward pass; ``train``: the gradient of the loss (forward and
-  backward). XLA counts a multiply-add as 2 and leaves out the positions a
-  convolution reads only padding from. The same count for every variant and
-  framework, so that FLOP/s compare like img/s.
+  backward, in inference mode: no aux heads, dropout or batch moments). XLA
+  counts a multiply-add as 2 and leaves out the positions a convolution reads
+  only padding from. The same count for every variant and framework, so that
+  FLOP/s compare like img/s.
   """
   import jax
   import jax.numpy as jnp
-  from gnet_jax import models, train
-  model = models.GoogLeNet(num_classes=num_classes, kernels='xla')
-  x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
-  params = jax.eval_shape(model.init, jax.random.key(0), x)['params']
+  from gnet_jax import state as state_lib, train
+  config = gnet_config(size, 1, kernels='xla', model=model)
+  spec = data_spec(config)
+  net = state_lib.create_model(config, spec)
+  x = jax.ShapeDtypeStruct((1, size, size, spec.image_shape[-1]), jnp.float32)
+  variables = jax.eval_shape(net.init, jax.random.key(0), x)
+  params, rest = variables['params'], {k: v for k, v in variables.items() if k != 'params'}
   labels = jax.ShapeDtypeStruct((1,), jnp.int32)
 
-  def loss(p, x, y):
-    return jnp.mean(train.cross_entropy(model.apply({'params': p}, x), y))
+  def loss(p, rest, x, y):
+    return jnp.mean(train.cross_entropy(net.apply({'params': p, **rest}, x), y))
 
-  forward = jax.jit(lambda p, x: model.apply({'params': p}, x)).lower(params, x)
-  backward = jax.jit(jax.grad(loss)).lower(params, x, labels)
+  forward = jax.jit(lambda p, rest, x: net.apply({'params': p, **rest}, x)).lower(params, rest, x)
+  backward = jax.jit(jax.grad(loss)).lower(params, rest, x, labels)
   return {'eval': float(forward.cost_analysis()['flops']),
           'train': float(backward.cost_analysis()['flops'])}
 

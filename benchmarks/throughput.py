@@ -4,17 +4,21 @@
     python -m benchmarks.throughput --sizes 224 --json out.json
     python -m benchmarks.throughput --sizes 96 --no-torch --ops-at c638eba   # kernels of a revision
     python -m benchmarks.throughput --sizes 96 --tasks train --no-torch --jax-variants sweep
+    python -m benchmarks.throughput --model inception_v1 --sizes 224 --batch 16   # torchvision's
 
 Every variant runs in its own worker process (``benchmarks.harness``), so its
 ``XLA_FLAGS``, threads, allocator and peak memory are its own: gnet-jax as
 ``train.py`` runs it and changed in one thing each (kernels, XLA flags, the
 heap trim, malloc settings, the batch split, ``gnet_jax/ops.py`` as committed
 at ``--ops-at REV``), and the PyTorch original (``gnet_jax/torch_reference.py``)
-in both memory layouts. The parent alternates the workers step by step (train,
-then eval), round after round, until every ratio varies by at most
-``--spread`` over rounds, and reports img/s and each ratio as the median with
-its range. Ratios are to the faster PyTorch layout, or without PyTorch to the
-first gnet-jax column (``--ops-at`` puts the revision's column first).
+in both memory layouts. ``--model inception_v1`` trains torchvision's GoogLeNet
+(BatchNorm; 3 channels, 1,000 classes, aux heads on by default as
+``torchvision.models.googlenet()`` builds it) on both sides instead. The
+parent alternates the workers step by step (train, then eval), round after
+round, until every ratio varies by at most ``--spread`` over rounds, and
+reports img/s and each ratio as the median with its range. Ratios are to the
+faster PyTorch layout, or without PyTorch to the first gnet-jax column
+(``--ops-at`` puts the revision's column first).
 
 Runs on whatever JAX sees (CPU, GPU or TPU); PyTorch runs on the matching
 device when it has one (CUDA), else its columns are left out.
@@ -97,19 +101,20 @@ class JaxSide:
   """A worker: gnet-jax's compiled train and eval steps on one random batch."""
 
   def __init__(self, size: int, batch: int, kernels: str = 'auto', ops_at: str | None = None,
-               trim: bool = True, flops: bool = False):
+               trim: bool = True, flops: bool = False, model: str = 'd2l',
+               aux_weight: float = 0.0):
     from gnet_jax import xla_flags
     xla_flags.apply_defaults()  # before JAX starts, as train.py does
     import jax
 
     t0 = time.perf_counter()
-    self.steps = harness.JaxSteps.build(harness.gnet_config(size, batch, kernels=kernels),
-                                        ops=harness.ops_at(ops_at) if ops_at else None)
+    config = harness.gnet_config(size, batch, kernels=kernels, model=model, aux_weight=aux_weight)
+    self.steps = harness.JaxSteps.build(config, ops=harness.ops_at(ops_at) if ops_at else None)
     self.state = self.steps.state()
     self.data, self.eval_data = self.steps.batch(), self.steps.batch(eval_mask=True)
     init_s = time.perf_counter() - t0
     self.train_step, train_s = self.steps.compile(None, self.state, self.data)
-    self.eval_step, eval_s = self.steps.compile(self.steps.eval_fn, self.state.params,
+    self.eval_step, eval_s = self.steps.compile(self.steps.eval_fn, self.state.variables,
                                                 self.eval_data)
     if trim:
       xla_flags.return_freed_memory()  # as train.py does once its steps are compiled
@@ -117,7 +122,7 @@ class JaxSide:
     self._info = {'init_s': init_s, 'compile_s': train_s + eval_s,
                   'device': f'{self.device.platform}:{self.device.device_kind}',
                   'xla_flags': os.environ.get('XLA_FLAGS', ''),
-                  'flops': harness.model_flops(size) if flops else None}
+                  'flops': harness.model_flops(size, model) if flops else None}
 
   def info(self, _: dict) -> dict:
     return self._info
@@ -130,7 +135,7 @@ class JaxSide:
     return self.state
 
   def eval(self, req: dict) -> dict:
-    return {'times': [self._timed(lambda: self.eval_step(self.state.params, self.eval_data))
+    return {'times': [self._timed(lambda: self.eval_step(self.state.variables, self.eval_data))
                       for _ in range(req['count'])]}
 
   def _timed(self, fn) -> float:
@@ -148,10 +153,13 @@ class TorchSide:
 
   ``dtype='bfloat16'``: the forward pass under autocast; ``compile_mode``: the
   network through ``torch.compile`` ('default' or e.g. 'max-autotune').
+  ``model='inception_v1'``: torchvision's GoogLeNet (``init_weights=True``), its
+  aux heads built and trained (loss + ``aux_weight`` x each) when ``aux_weight`` > 0.
   """
 
   def __init__(self, size: int, batch: int, layout: str = 'nchw', device: str = 'cpu',
-               dtype: str = 'float32', compile_mode: str | None = None):
+               dtype: str = 'float32', compile_mode: str | None = None, model: str = 'd2l',
+               aux_weight: float = 0.0):
     import torch
     from torch.nn import functional as F
 
@@ -160,14 +168,21 @@ class TorchSide:
     self.torch, self.F, self.device = torch, F, torch.device(device)
     torch.manual_seed(0)
     memory_format = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
-    self.net = googlenet().to(self.device, memory_format=memory_format)
+    if model == 'inception_v1':
+      from gnet_jax.torch_reference import torchvision_models
+      net, channels = torchvision_models().googlenet(
+          weights=None, aux_logits=aux_weight > 0, init_weights=True), 3
+    else:
+      net, channels = googlenet(), 1
+    self.aux_weight = aux_weight
+    self.net = net.to(self.device, memory_format=memory_format)
     self.optimizer = torch.optim.SGD(self.net.parameters(), lr=0.1)
     if compile_mode:
       self.net = torch.compile(self.net, mode=None if compile_mode == 'default' else compile_mode,
                                dynamic=False)
     self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                    enabled=dtype == 'bfloat16')
-    images, labels = harness.random_batch(batch, size)
+    images, labels = harness.random_batch(batch, size, channels=channels)
     self.x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(
         self.device).contiguous(memory_format=memory_format)
     self.y = torch.from_numpy(labels).long().to(self.device)
@@ -185,7 +200,12 @@ class TorchSide:
       self.net.train()
       self.optimizer.zero_grad(set_to_none=True)
       with self.autocast:
-        loss = self.F.cross_entropy(self.net(self.x), self.y)
+        out = self.net(self.x)
+        if isinstance(out, tuple):  # torchvision's GoogLeNetOutputs(logits, aux2, aux1)
+          loss = self.F.cross_entropy(out[0], self.y) + self.aux_weight * sum(
+              self.F.cross_entropy(aux, self.y) for aux in out[1:])
+        else:
+          loss = self.F.cross_entropy(out, self.y)
       loss.backward()
       self.optimizer.step()
     return {'times': [self._timed(step) for _ in range(req['count'])]}
@@ -214,8 +234,9 @@ class TorchSide:
 
 
 def start(name: str, variant: Variant, size: int, batch: int, torch_device: str,
-          flops: bool) -> harness.Worker:
-  kwargs = {'size': size, 'batch': variant.batch or batch, **variant.kwargs}
+          flops: bool, model: str = 'd2l', aux_weight: float = 0.0) -> harness.Worker:
+  kwargs = {'size': size, 'batch': variant.batch or batch, 'model': model,
+            'aux_weight': aux_weight, **variant.kwargs}
   env = dict(variant.env)
   if variant.factory.endswith('TorchSide'):
     kwargs['device'] = torch_device
@@ -229,7 +250,8 @@ def start(name: str, variant: Variant, size: int, batch: int, torch_device: str,
 def bench_size(args: argparse.Namespace, size: int, variants: dict[str, Variant],
                reference: list[str]) -> dict:
   """Every variant's workers at ``size``: warm-up, interleaved rounds per task, memory."""
-  workers = {name: start(name, v, size, args.batch, args.torch_device, flops=i == 0)
+  workers = {name: start(name, v, size, args.batch, args.torch_device, i == 0, args.model,
+                        args.aux_weight)
              for i, (name, v) in enumerate(variants.items())}
   try:
     infos = {name: w.call({'op': 'info'}) for name, w in workers.items()}
@@ -252,7 +274,8 @@ def bench_size(args: argparse.Namespace, size: int, variants: dict[str, Variant]
   finally:
     for w in workers.values():
       w.close()
-  return {'size': size, 'flops_per_image': flops, 'tasks': tasks, 'workers': {
+  return {'size': size, 'model': args.model, 'aux_weight': args.aux_weight,
+          'flops_per_image': flops, 'tasks': tasks, 'workers': {
       name: {**infos[name], **ends[name], 'xla_flags_added': variants[name].xla_flags,
              'env': variants[name].env} for name in workers}}
 
@@ -274,6 +297,17 @@ def table(results: list[dict], reference: list[str]) -> str:
   return harness.markdown_table(
       ['size', 'task', 'variant', 'batch', 'img/s median', 'min-max', f'vs {versus}',
        'GFLOP/s', 'compile s', 'first step s', 'peak memory'], rows)
+
+
+def model_line(args: argparse.Namespace) -> str:
+  """What both sides train, aux heads included."""
+  if args.model == 'd2l':
+    return "model: d2l (the book's GoogLeNet; 1 channel, 10 classes, no aux heads)"
+  aux = (f'on, loss weight {args.aux_weight:g} each (torchvision\'s default aux_logits=True)'
+         if args.aux_weight else 'off (aux_logits=False)')
+  return ("model: inception_v1 (torchvision's GoogLeNet with BatchNorm; 3 channels, 1,000 "
+          f'classes; PyTorch: torchvision.models.googlenet(weights=None, init_weights=True)); '
+          f'aux heads {aux}')
 
 
 def torch_device_for(platform: str) -> str | None:
@@ -334,10 +368,24 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
                       help='also gnet-jax traced with gnet_jax/ops.py as committed at REV '
                       '(repeatable; first column)')
   parser.add_argument('--no-torch', action='store_true', help='leave the PyTorch columns out')
+  parser.add_argument('--model', choices=harness.MODELS, default='d2l',
+                      help="the network on both sides: the book's GoogLeNet (d2l, 1 channel, 10 "
+                      "classes) or torchvision's (inception_v1: BatchNorm, 3 channels, 1,000 "
+                      'classes, against torchvision.models.googlenet)')
+  parser.add_argument('--aux-weight', type=float, default=None,
+                      help='inception_v1: the aux heads\' loss weight, 0 for none (default 0.3: '
+                      'on, as torchvision.models.googlenet() builds them)')
   parser.add_argument('--json', help='also write the results to this file')
   args = parser.parse_args(argv)
   args.tasks = [t for t in args.tasks.split(',') if t]
   args.warmup = max(args.warmup, 1)
+  if args.model == 'd2l' and args.aux_weight:
+    parser.error("--aux-weight needs --model inception_v1 (the book's network is compared "
+                 'without aux heads: its PyTorch original has none)')
+  if args.aux_weight is None:
+    args.aux_weight = harness.INCEPTION_AUX_WEIGHT if args.model == 'inception_v1' else 0.0
+  if args.aux_weight < 0:
+    parser.error(f'--aux-weight {args.aux_weight} is negative; give 0 (no aux heads) or more')
   return args, parser
 
 
@@ -365,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                  torch_device=next((first[n]['device'] for n in TORCH_VARIANTS if n in first),
                                    None))
   print('\n'.join(harness.machine_lines(machine)) + '\n')
+  print(model_line(args) + '\n')
   print(table(results, reference))
   flop_counts = ', '.join(f"{r['size']}px: train {r['flops_per_image']['train'] / 1e9:.3f}, "
                           f"eval {r['flops_per_image']['eval'] / 1e9:.3f}" for r in results)

@@ -67,8 +67,8 @@ def test_smoke_checks_correctness_with_numbers(smoke):
 
 def test_smoke_measures_both_dtypes_kernel_sets_and_batches(smoke):
   _, report, markdown = smoke
-  rows = report['jax_rows']
-  assert all(r['status'] == 'ok' for r in rows), rows
+  assert all(r['status'] == 'ok' for r in report['jax_rows']), report['jax_rows']
+  rows = [r for r in report['jax_rows'] if r['model'] == 'd2l']
   assert sorted((r['batch'], r['dtype'], r['kernels']) for r in rows) == [
       (2, 'bfloat16', 'custom'), (2, 'bfloat16', 'xla'), (2, 'float32', 'custom'),
       (2, 'float32', 'xla'), (4, 'float32', 'xla')]
@@ -83,6 +83,24 @@ def test_smoke_measures_both_dtypes_kernel_sets_and_batches(smoke):
     assert r['peak_fraction'] is None  # no datasheet peak for a CPU
   assert '| gnet-jax | kernels=xla | 32 | 2 | float32 |' in markdown
   assert '| gnet-jax | kernels=custom | 32 | 2 | bfloat16 |' in markdown
+
+
+def test_smoke_trains_inception_v1_beside_torchvisions_googlenet(smoke):
+  """The 224x224 row of a GPU report, at the smoke's 32x32: torchvision's GoogLeNet in both
+  frameworks, with its own FLOP count and a finite ratio to PyTorch."""
+  _, report, markdown = smoke
+  [row] = [r for r in report['jax_rows'] if r['model'] == 'inception_v1']
+  assert (row['status'], row['size'], row['batch'], row['dtype']) == ('ok', 32, 2, 'float32')
+  flops = report['precision']['jax']['flops']
+  assert flops['inception_v1 32']['train'] != flops['32']['train']
+  assert row['tflops'] == pytest.approx(row['img_per_s'] * flops['inception_v1 32']['train'] / 1e12)
+  assert '| gnet-jax | inception_v1, kernels=xla | 32 | 2 | float32 |' in markdown
+  if HAS_TORCH:
+    torch_rows = [r for r in report['torch_rows'] if r['model'] == 'inception_v1']
+    assert {r['variant'] for r in torch_rows if r['status'] == 'ok'} == {
+        'eager NCHW', 'eager channels_last'}
+    assert math.isfinite(row['vs_torch']) and row['vs_torch'] > 0
+    assert '| PyTorch | inception_v1, eager channels_last | 32 | 2 | float32 |' in markdown
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason='needs torch')
@@ -178,6 +196,12 @@ def test_the_plan_puts_correctness_first_and_the_seeds_after_the_first_book_run(
   assert book[1] > labels.index('gnet-jax 224px batch 128 bfloat16 kernels=xla')
   assert book[-1] < labels.index('gnet-jax 96px batch 256 float32 kernels=xla')
   assert labels[-1].endswith('compile max-autotune')
+  inception = [l for l in labels if 'inception_v1' in l]  # after the first book run
+  assert inception == ['gnet-jax inception_v1 224px batch 128 float32 kernels=xla',
+                       'gnet-jax inception_v1 224px batch 128 bfloat16 kernels=xla'] + [
+      f'PyTorch inception_v1 224px batch 128 {d} {v}' for d in ('float32', 'bfloat16')
+      for v in ('eager NCHW', 'eager channels_last', 'compile')]
+  assert book[0] < labels.index(inception[0]) and labels.index(inception[-1]) < book[1]
 
 
 def test_peaks_by_device_kind():

@@ -5,12 +5,15 @@ times (a small module in a temp folder, on the workers' PYTHONPATH): img/s,
 ratios, ranges, GFLOP/s and the table must come out exactly; a worker that
 fails or overruns its deadline is reported, not waited for. One tiny run of
 the script itself (GoogLeNet at 16x16, batch 2) checks that its table and its
-JSON agree and that the FLOP count is XLA's forward and backward count.
+JSON agree and that the FLOP count is XLA's forward and backward count; one
+more trains torchvision's GoogLeNet (``--model inception_v1``, 32x32) on both
+sides.
 """
 
 import argparse
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 import time
@@ -22,6 +25,7 @@ from conftest import REPO
 from gnet_jax import models, ops, xla_flags
 
 HAS_TORCH = importlib.util.find_spec('torch') is not None
+HAS_TORCHVISION = HAS_TORCH and importlib.util.find_spec('torchvision') is not None
 
 FAKE_SIDE = '''
 import time
@@ -65,7 +69,8 @@ def test_rounds_give_exact_rates_ratios_and_table(fake_env, monkeypatch):
   variants = {'gnet-jax': fake([0.5, 0.25, 1.0]), 'half batch': fake([0.5], batch=2),
               'PyTorch NCHW (as written)': fake([1.0]), 'PyTorch channels_last': fake([0.8])}
   args = argparse.Namespace(batch=4, steps=3, warmup=1, tasks=['train'], budget_s=60,
-                            min_rounds=2, max_rounds=5, spread=0.1, torch_device='cpu')
+                            min_rounds=2, max_rounds=5, spread=0.1, torch_device='cpu',
+                            model='d2l', aux_weight=0.0)
   reference = list(throughput.TORCH_VARIANTS)
   result = throughput.bench_size(args, 16, variants, reference)
   rows = result['tasks']['train']
@@ -162,3 +167,42 @@ def test_throughput_script_runs_one_tiny_step_and_prints_table(tmp_path):
   assert result['workers']['gnet-jax kernels=xla']['compile_s'] > 0
   if HAS_TORCH:  # each round's ratio is to the faster PyTorch layout: it is 1, the other <= 1
     assert max(rows[n]['ratio']['max'] for n in throughput.TORCH_VARIANTS) == pytest.approx(1.0)
+
+
+def test_aux_weight_is_refused_for_the_books_network_and_defaults_on_for_inception_v1():
+  with pytest.raises(SystemExit):
+    throughput.parse_args(['--aux-weight', '0.3'])
+  with pytest.raises(SystemExit):
+    throughput.parse_args(['--model', 'inception_v1', '--aux-weight', '-1'])
+  assert throughput.parse_args([])[0].aux_weight == 0.0
+  args = throughput.parse_args(['--model', 'inception_v1'])[0]
+  assert args.aux_weight == harness.INCEPTION_AUX_WEIGHT > 0
+  assert 'aux heads on' in throughput.model_line(args)
+  args.aux_weight = 0.0
+  assert 'aux heads off' in throughput.model_line(args)
+
+
+@pytest.mark.skipif(not HAS_TORCHVISION, reason='needs torch and torchvision')
+def test_throughput_script_trains_inception_v1_beside_torchvisions_googlenet(tmp_path):
+  """The 224x224 row's command at 32x32, batch 2, one step per round: both sides train
+  torchvision's GoogLeNet (3 channels, 1,000 classes, aux heads) and the table has its rows."""
+  out = tmp_path / 'result.json'
+  cmd = [sys.executable, '-m', 'benchmarks.throughput', '--model', 'inception_v1', '--sizes',
+         '32', '--batch', '2', '--steps', '1', '--warmup', '1', '--tasks', 'train',
+         '--min-rounds', '2', '--max-rounds', '2', '--jax-variants', 'gnet-jax kernels=xla',
+         '--json', str(out)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'model: inception_v1' in proc.stdout and 'aux heads on, loss weight 0.3' in proc.stdout
+  [result] = json.loads(out.read_text())['results']
+  assert (result['model'], result['aux_weight']) == ('inception_v1', 0.3)
+  flops = result['flops_per_image']  # torchvision's network, not the book's at this size
+  assert flops['train'] != pytest.approx(harness.model_flops(32)['train'], rel=0.01)
+  assert 2.5 * flops['eval'] < flops['train'] < 3.5 * flops['eval']
+  rows = result['tasks']['train']
+  assert sorted(rows) == sorted(['gnet-jax kernels=xla', *throughput.TORCH_VARIANTS])
+  for name, row in rows.items():
+    ratio = row['ratio']
+    assert math.isfinite(ratio['median']) and 0 < ratio['min'] <= ratio['median'] <= ratio['max']
+    line = next(l for l in proc.stdout.splitlines() if l.startswith(f'| 32 | train | {name} |'))
+    assert f"{ratio['median']:.2f}x" in line
