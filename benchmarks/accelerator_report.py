@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import harness
-from benchmarks.throughput import jax_platform, torch_device_for
 
 DTYPES = ('float32', 'bfloat16')
 KERNEL_SETS = ('xla', 'custom')
@@ -809,22 +808,6 @@ def format_markdown(report: dict) -> str:
 # ----------------------------------------------------------------------------- main
 
 
-def torch_device_and_note(platform: str, no_torch: bool) -> tuple[str | None, str | None]:
-  """PyTorch's device for JAX's platform, or None and the reason its column is empty."""
-  if no_torch:
-    return None, 'PyTorch left out (--no-torch)'
-  device = torch_device_for(platform)
-  if device is not None:
-    return device, None
-  try:
-    import torch  # noqa: F401
-  except ImportError:
-    return None, 'torch is not installed'
-  if platform == 'gpu':
-    return None, 'this torch build sees no CUDA device'
-  return None, f'PyTorch has no device for JAX platform {platform!r}'
-
-
 def child_env(args) -> dict[str, str]:
   """The workers' environment: a fresh persistent compilation cache (so 'empty cache' is true),
   caching every program. --smoke pins JAX to the CPU and keeps a cache it is given (its
@@ -869,8 +852,8 @@ def main(argv: list[str] | None = None) -> int:
   out.mkdir(parents=True, exist_ok=True)
   if args.smoke and not args.data_dir:
     args.data_dir = str(write_smoke_data(out / 'smoke_data'))
-  platform = 'cpu' if args.smoke else jax_platform()
-  torch_device, torch_note = torch_device_and_note(platform, args.no_torch)
+  platform = 'cpu' if args.smoke else harness.jax_platform()
+  torch_device, torch_note = harness.torch_device(platform, args.no_torch)
   given_cache = os.environ.get('JAX_COMPILATION_CACHE_DIR') if args.smoke else None
   args.cache_dir = given_cache or tempfile.mkdtemp(prefix='gnet_jax_report_xla_cache_')
   try:

@@ -85,6 +85,30 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def jax_platform() -> str:
+  """JAX's default backend, asked in a child process (the driver never starts JAX)."""
+  out = subprocess.run([sys.executable, '-c', 'import jax; print(jax.default_backend())'],
+                       capture_output=True, text=True, check=True)
+  return out.stdout.strip().splitlines()[-1]
+
+
+def torch_device(platform: str, no_torch: bool = False) -> tuple[str | None, str | None]:
+  """PyTorch's device matching JAX's ``platform`` ('cpu', or 'cuda' on a GPU), or None and
+  the reason PyTorch's columns are empty."""
+  if no_torch:
+    return None, 'PyTorch left out (--no-torch)'
+  try:
+    import torch
+  except ImportError:
+    return None, 'torch is not installed'
+  if platform == 'cpu':
+    return 'cpu', None
+  if platform != 'gpu':
+    return None, f'PyTorch has no device for JAX platform {platform!r}'
+  return ('cuda', None) if torch.cuda.is_available() else (
+      None, 'this torch build sees no CUDA device')
+
+
 # ----------------------------------------------------------------------------- statistics
 
 

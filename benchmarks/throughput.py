@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import subprocess
 import sys
 import time
 
@@ -310,24 +309,6 @@ def model_line(args: argparse.Namespace) -> str:
           f'aux heads {aux}')
 
 
-def torch_device_for(platform: str) -> str | None:
-  """PyTorch's device matching JAX's platform, or None when there is none."""
-  try:
-    import torch
-  except ImportError:
-    return None
-  if platform == 'cpu':
-    return 'cpu'
-  return 'cuda' if platform == 'gpu' and torch.cuda.is_available() else None
-
-
-def jax_platform() -> str:
-  """JAX's default backend, asked in a child process (this one never starts JAX)."""
-  out = subprocess.run([sys.executable, '-c', 'import jax; print(jax.default_backend())'],
-                       capture_output=True, text=True, check=True)
-  return out.stdout.strip().splitlines()[-1]
-
-
 def choose_variants(args: argparse.Namespace, platform: str,
                     parser: argparse.ArgumentParser) -> dict[str, Variant]:
   """The gnet-jax columns: ``--ops-at`` revisions first, then ``--jax-variants`` (or the
@@ -392,15 +373,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
 def main(argv: list[str] | None = None) -> int:
   args, parser = parse_args(argv)
   machine = harness.machine_info()
-  platform = jax_platform()
+  platform = harness.jax_platform()
   variants = choose_variants(args, platform, parser)
-  torch_device = None if args.no_torch else torch_device_for(platform)
+  torch_device, torch_note = harness.torch_device(platform, args.no_torch)
   args.torch_device = torch_device or 'cpu'
   if torch_device:
     variants.update(TORCH_VARIANTS)
   elif not args.no_torch:
-    print(f'note: no PyTorch device for JAX platform {platform!r}; PyTorch left out',
-          file=sys.stderr)
+    print(f'note: {torch_note}; PyTorch left out', file=sys.stderr)
   reference = list(TORCH_VARIANTS) if torch_device else [next(iter(variants))]
   try:
     results = [bench_size(args, int(s), variants, reference) for s in args.sizes.split(',') if s]

@@ -206,3 +206,11 @@ def test_throughput_script_trains_inception_v1_beside_torchvisions_googlenet(tmp
     assert math.isfinite(ratio['median']) and 0 < ratio['min'] <= ratio['median'] <= ratio['max']
     line = next(l for l in proc.stdout.splitlines() if l.startswith(f'| 32 | train | {name} |'))
     assert f"{ratio['median']:.2f}x" in line
+
+
+def test_the_pytorch_device_follows_jax_or_says_why_there_is_none():
+  assert harness.torch_device('cpu', no_torch=True) == (None, 'PyTorch left out (--no-torch)')
+  device, note = harness.torch_device('tpu')
+  assert device is None and 'tpu' in note
+  if HAS_TORCH:
+    assert harness.torch_device('cpu') == ('cpu', None)
