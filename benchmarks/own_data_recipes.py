@@ -38,8 +38,12 @@ RECIPES = {
 }
 
 
-def make_folder(root: Path, train_per_class: int, test_per_class: int) -> Path:
-  """The first N images of each class of both splits as ``root/{train,test}/<class>/i.png``."""
+def make_folder(root: Path, train_per_class: int, test_per_class: int,
+                classes: range = range(10)) -> Path:
+  """The first N images of each of ``classes`` in both splits.
+
+  Written as ``root/{train,test}/<class>/i.png``; files already there are kept.
+  """
   from PIL import Image
 
   data = input_pipeline.load_dataset('fashion_mnist', 'idx')
@@ -47,8 +51,8 @@ def make_folder(root: Path, train_per_class: int, test_per_class: int) -> Path:
   for split, images, labels, n in (('train', data.train_images, data.train_labels,
                                     train_per_class),
                                    ('test', data.test_images, data.test_labels, test_per_class)):
-    for label, name in enumerate(names):
-      folder = root / split / name
+    for label in classes:
+      folder = root / split / names[label]
       folder.mkdir(parents=True, exist_ok=True)
       for i in [i for i in range(len(labels)) if labels[i] == label][:n]:
         if not (folder / f'{i}.png').exists():

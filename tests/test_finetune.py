@@ -427,7 +427,10 @@ def test_finetune_config_is_torchvisions_pretrained_setup():
   model = state_lib.create_model(config, SPEC)
   assert isinstance(model, inception_v1.InceptionV1) and model.transform_input
   assert (config.image_size, config.normalize_stats) == (224, 'imagenet')
-  assert model.frozen_batch_stats == inception_v1.LAYERS + inception_v1.AUX_HEADS  # bn frozen
+  assert model.frozen_batch_stats == ()  # statistics update (measured: docs/finetune.md)
+  config.bn_stats = 'frozen'
+  frozen = state_lib.create_model(config, SPEC)
+  assert frozen.frozen_batch_stats == inception_v1.LAYERS + inception_v1.AUX_HEADS
 
 
 @pytest.mark.parametrize('source_classes, fresh', [
