@@ -6,8 +6,8 @@ leaves this network's initial plateau in the few hundred steps such a set
 gives, so: Adam at 1e-3 with one epoch of linear warmup and cosine decay to 0,
 decoupled weight decay 1e-4, per-channel normalisation, and pad-crop and flip
 augmentation against overfitting a small set. Measured on a 1,000-image,
-10-class folder made from Fashion-MNIST (``python
-benchmarks/own_data_recipes.py``): table and reasons in docs/own_data.md.
+10-class folder made from Fashion-MNIST (``python -m
+benchmarks.own_data_recipes``): table and reasons in docs/own_data.md.
 """
 
 from configs import default
