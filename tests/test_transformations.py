@@ -1,9 +1,9 @@
 """GoogLeNet's modules under every JAX transformation, with either kernel set.
 
-Forward mode (``jvp``, ``linearize``, ``jacfwd``), second order (Hessian-vector
-products forward-over-reverse and reverse-over-reverse) and ``vmap`` of
-``grad`` through a network built from GoogLeNet's own modules: 'custom' (the
-CPU default) must give what 'xla' gives. The kernels' own rules are tested op
+Logits, gradients and an SGD step, forward mode (``jvp``, ``linearize``,
+``jacfwd``), second order (Hessian-vector products forward-over-reverse and
+reverse-over-reverse) and ``vmap`` of ``grad`` through a network built from
+GoogLeNet's own modules: 'custom' (the CPU default) must give what 'xla' gives. The kernels' own rules are tested op
 by op in ``test_ops.py``.
 
 The network is GoogLeNet cut to one narrow Inception block per stage (``Trunk``):
@@ -14,6 +14,7 @@ the global average pool), at a tenth of the full network's compile time (two
 kernel sets x seven transformations of the full network took minutes here).
 """
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,7 @@ def transformations():
                                           params, *directions))
     one_example = lambda p, image, y: loss(p, image[None], y[None])
     return {
+        'logits': logits(params),
         'jvp': jax.jvp(logits, (params,), (v,))[1],
         'linearize': jax.linearize(logits, params)[1](v),
         'jacfwd': jax.jacfwd(along)(jnp.zeros(3)),
@@ -87,7 +89,8 @@ def transformations():
     }
 
   with jax.default_matmul_precision('float32'):
-    return {k: jax.jit(run, static_argnums=0)(k) for k in ('xla', 'custom')}
+    results = {k: jax.jit(run, static_argnums=0)(k) for k in ('xla', 'custom')}
+  return {**results, 'params': params}
 
 
 def _tree_vdot(a, b):
@@ -109,6 +112,16 @@ def test_every_transformation_agrees_between_kernels(transformations, name):
   xla, custom = transformations['xla'][name], transformations['custom'][name]
   assert max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(xla)) > 1e-4  # not zeros
   _assert_close_to_scale(custom, xla, rtol=2e-4)
+
+
+def test_logits_gradients_and_step_agree_between_kernels(transformations):
+  xla, custom = transformations['xla'], transformations['custom']
+  chex.assert_tree_all_finite(custom)
+  chex.assert_trees_all_close(custom['logits'], xla['logits'], atol=1e-5, rtol=1e-5)
+  assert float(jnp.abs(xla['logits']).max()) > 1e-3  # real logits, not a degenerate comparison
+  chex.assert_trees_all_close(custom['grad'], xla['grad'], atol=1e-5, rtol=1e-5)
+  step = lambda grads: jax.tree.map(lambda p, g: p - 0.1 * g, transformations['params'], grads)
+  chex.assert_trees_all_close(step(custom['grad']), step(xla['grad']), atol=1e-5, rtol=1e-5)
 
 
 def test_transformations_are_consistent(transformations):
