@@ -179,10 +179,10 @@ def test_two_processes_of_another_run_are_both_refused(tmp_path, idx_dir):
 # ----------------------------------------------------------------------------- train.py
 
 def train_args(workdir: Path, idx_dir: Path) -> list[str]:
-  """GoogLeNet on the tiny data: 2 epochs of 12 steps, a checkpoint every 2 steps."""
+  """GoogLeNet on the tiny data: 2 epochs of 6 steps, a checkpoint every 2 steps."""
   return ['--config', 'configs/quickstart.py', '--workdir', str(workdir),
           '--config.data_source=idx', f'--config.data_dir={idx_dir}',
-          '--config.train_examples=96', '--config.eval_examples=40', '--config.batch_size=8',
+          '--config.train_examples=48', '--config.eval_examples=16', '--config.batch_size=8',
           '--config.num_epochs=2', '--config.checkpoint_every_steps=2',
           '--config.progress=False']
 
@@ -219,9 +219,9 @@ def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, log: Path,
 
 def finished_run_is_intact(workdir: Path) -> None:
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  assert [(r['epoch'], r['step']) for r in rows] == [(1, 12), (2, 24)]
+  assert [(r['epoch'], r['step']) for r in rows] == [(1, 6), (2, 12)]
   step = state_lib.load_checkpoint(workdir).step
-  assert step == 24
+  assert step == 12
 
 
 def test_second_run_is_refused_while_the_first_finishes(tmp_path, idx_dir):
@@ -248,7 +248,7 @@ def test_second_run_is_refused_while_the_first_finishes(tmp_path, idx_dir):
                                  timeout=300, env=user_env())
       assert evaluated.returncode == 0, evaluated.stderr[-3000:]
       step = int(re.search(r'checkpoint: step (\d+) in', evaluated.stdout).group(1))
-      assert saved <= step < 24 and 'test accuracy' in evaluated.stdout, evaluated.stdout
+      assert saved <= step < 12 and 'test accuracy' in evaluated.stdout, evaluated.stdout
     finally:
       first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=600) == 0, Path(f'{log}.err').read_text()[-3000:]
@@ -279,6 +279,6 @@ def test_run_killed_with_sigkill_resumes_with_the_same_command(tmp_path, idx_dir
   resumed = run_train(*args)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   step = int(re.search(r'resuming from the checkpoint at step (\d+)', resumed.stdout).group(1))
-  assert saved <= step < 24 and step % 2 == 0
+  assert saved <= step < 12 and step % 2 == 0
   assert not (workdir / workdir_lib.OWNER_NAME).exists()  # the resumed run removed it at its end
   finished_run_is_intact(workdir)
