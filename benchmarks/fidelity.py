@@ -78,37 +78,24 @@ def import_torch():
   return torch
 
 
-def _coerce(key: str, old, text: str):
-  if isinstance(old, bool):
-    if text.lower() in ('1', 'true', 'yes', 'on'):
-      return True
-    if text.lower() in ('0', 'false', 'no', 'off'):
-      return False
-    raise UsageError(f'--config.{key}={text}: expected true or false')
-  for kind in (int, float):
-    if isinstance(old, kind):
-      try:
-        return kind(text)
-      except ValueError:
-        raise UsageError(f'--config.{key}={text}: expected {kind.__name__}') from None
-  return text
-
-
 def load_config(path: str, overrides: list[str]):
-  """The config of ``path`` (a configs/*.py file, loaded as ``train.py`` loads it) with
-  ``--config.KEY=VALUE`` overrides applied."""
+  """The config of ``path`` with ``--config.KEY=VALUE`` overrides, parsed as ``train.py``
+  parses them (ml_collections' config flag, mistakes as one message)."""
+  from absl import flags
+  from ml_collections import config_flags
   from gnet_jax import cli
-  config, problem = cli.load_config_file(path)
-  if problem:
-    raise UsageError(problem)
+  from gnet_jax.errors import ConfigError
   for item in overrides:
     if not item.startswith('--config.') or '=' not in item:
       raise UsageError(f'unexpected argument {item!r}; overrides look like --config.KEY=VALUE')
-    key, text = item[len('--config.'):].split('=', 1)
-    if key not in config:
-      raise UsageError(f'--config.{key}: no such config key (see configs/default.py)')
-    config[key] = _coerce(key, config[key], text)
-  return config
+  argv = ['fidelity', f'--config={path}', *overrides]
+  values = flags.FlagValues()  # not absl's global FLAGS: fidelity_seeds calls this in-process
+  config_flags.DEFINE_config_file('config', None, flag_values=values, sys_argv=argv)
+  try:
+    cli.parse_config_flags(argv, values, path)
+  except (ConfigError, flags.Error) as e:
+    raise UsageError(str(e)) from None
+  return values.config
 
 
 def check_recipe(config) -> None:
