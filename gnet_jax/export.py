@@ -272,7 +272,7 @@ def write_whole(files: Mapping[Path, bytes]) -> None:
                      'existing folder') from None
 
 
-def _check_request(fmt: str, batchnorm: str, out: str | os.PathLike) -> list[Path]:
+def check_request(fmt: str, batchnorm: str, out: str | os.PathLike) -> list[Path]:
   """The files to write; refuses a bad format, ``--batchnorm`` or output path, or a missing
   package, before anything is read."""
   from gnet_jax import interop
@@ -297,14 +297,24 @@ def export_run(workdir: str | os.PathLike, fmt: str, out: str | os.PathLike,
                step: int | None = None, batchnorm: str = 'fold') -> dict:
   """Exports ``workdir``'s newest readable checkpoint (or ``step``'s) as ``fmt`` to ``out``.
 
-  Everything is checked before the checkpoint is read, and the files are
-  written whole (``write_whole``). Returns the contract and the paths written.
+  Everything is checked before the checkpoint is read (``check_request``), and
+  the files are written whole. Returns what ``export_checkpoint`` returns.
   """
   from gnet_jax import state as state_lib
 
-  paths = _check_request(fmt, batchnorm, out)
-  state, config, restored_step, spec = state_lib.load_checkpoint(workdir, step)
-  meta = contract(config, spec, restored_step, fmt, batchnorm)
+  check_request(fmt, batchnorm, out)
+  return export_checkpoint(state_lib.load_checkpoint(workdir, step), fmt, out, batchnorm)
+
+
+def export_checkpoint(checkpoint: Any, fmt: str, out: str | os.PathLike,
+                      batchnorm: str = 'fold') -> dict:
+  """Writes a loaded checkpoint (``state.load_checkpoint``'s) as ``fmt`` to ``out``, whole.
+
+  Returns the contract and the paths written, with their sizes in bytes.
+  """
+  paths = check_request(fmt, batchnorm, out)
+  state, config, step, spec = checkpoint
+  meta = contract(config, spec, step, fmt, batchnorm)
   if fmt == 'onnx':
     files = {paths[0]: to_onnx(config, spec, state.variables, meta, batchnorm)}
   else:

@@ -113,16 +113,17 @@ def references(runs) -> dict[str, dict]:
 
 @pytest.fixture(scope='module')
 def exported(runs, tmp_path_factory) -> dict[tuple[str, str, str], Path]:
-  """Every artifact of ``ARTIFACTS``; the d2l ONNX file through the command line."""
+  """Every artifact of ``ARTIFACTS``: the d2l ONNX file through the command line, the others
+  from one load of each run's checkpoint."""
   folder = tmp_path_factory.mktemp('exported')
-  paths = {}
-  for run, fmt, bn in ARTIFACTS:
-    path = folder / f'{run}_{bn}.{fmt}'
-    if (run, fmt) == ('d2l', 'onnx'):
-      assert export.main(['--workdir', str(runs[run]), '--format', fmt, '--out', str(path)]) == 0
-    else:
-      export.export_run(runs[run], fmt, path, batchnorm=bn)
-    paths[run, fmt, bn] = path
+  paths = {key: folder / f'{key[0]}_{key[2]}.{key[1]}' for key in ARTIFACTS}
+  assert export.main(['--workdir', str(runs['d2l']), '--format', 'onnx',
+                      '--out', str(paths['d2l', 'onnx', 'fold'])]) == 0
+  for run, workdir in runs.items():
+    loaded = state_lib.load_checkpoint(workdir)
+    for key in ARTIFACTS:
+      if key[0] == run and key != ('d2l', 'onnx', 'fold'):
+        export.export_checkpoint(loaded, key[1], paths[key], batchnorm=key[2])
   return paths
 
 
