@@ -226,9 +226,9 @@ def to_onnx(config: Any, spec: Any, variables: Mapping[str, Any], meta: Mapping[
   rules would fuse a kept BatchNorm; constants are folded and unused nodes
   dropped by onnxscript's own passes instead, so ``batchnorm`` alone decides.
   """
-  import onnx_ir
   import onnxscript.optimizer
   import torch
+  from onnxscript import ir
 
   net = torch_network(config, spec, variables, batchnorm)
   size, channels = int(config.image_size), int(spec.image_shape[-1])
@@ -243,7 +243,7 @@ def to_onnx(config: Any, spec: Any, variables: Mapping[str, Any], meta: Mapping[
   program.model.metadata_props[METADATA_KEY] = json.dumps(meta)
   program.model.doc_string = (f'GoogLeNet ({config.model}) exported by gnet-jax; input contract '
                               f'and class names: metadata_props[{METADATA_KEY!r}] (JSON)')
-  return onnx_ir.to_proto(program.model).SerializeToString()
+  return ir.to_proto(program.model).SerializeToString()
 
 
 def write_whole(files: Mapping[Path, bytes]) -> None:
@@ -284,13 +284,17 @@ def check_request(fmt: str, batchnorm: str, out: str | os.PathLike) -> list[Path
   paths = [interop.check_writable(out)]
   if fmt == 'jax':
     paths.append(interop.check_writable(metadata_path(out)))
-  missing = [pip for module, pip in NEEDS[fmt].items() if importlib.util.find_spec(module) is None]
+  _check_installed(fmt, NEEDS[fmt])
+  return paths
+
+
+def _check_installed(fmt: str, needs: Mapping[str, str]) -> None:
+  missing = [pip for module, pip in needs.items() if importlib.util.find_spec(module) is None]
   if missing:
     raise DependencyError(
         f'--format {fmt} needs {", ".join(missing)}: pip install "gnet-jax[export]" (on a '
         'machine without a GPU install the CPU build of torch first: pip install torch '
         '--index-url https://download.pytorch.org/whl/cpu)')
-  return paths
 
 
 def export_run(workdir: str | os.PathLike, fmt: str, out: str | os.PathLike,
@@ -314,6 +318,8 @@ def export_checkpoint(checkpoint: Any, fmt: str, out: str | os.PathLike,
   """
   paths = check_request(fmt, batchnorm, out)
   state, config, step, spec = checkpoint
+  if fmt == 'onnx' and config.model == 'inception_v1':  # torchvision's GoogLeNet is the twin
+    _check_installed(fmt, {'torchvision': 'torchvision'})
   meta = contract(config, spec, step, fmt, batchnorm)
   if fmt == 'onnx':
     files = {paths[0]: to_onnx(config, spec, state.variables, meta, batchnorm)}

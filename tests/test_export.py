@@ -285,6 +285,21 @@ def test_folding_batchnorm_keeps_the_logits(runs, references):
   assert set(folded['inception3a']['branch1']) == {'conv'}
 
 
+def test_the_readme_example_classifies_an_image_as_the_run(exported, references, tmp_path,
+                                                           capsys):
+  from PIL import Image
+  readme = (Path(__file__).resolve().parent.parent / 'README.md').read_text()
+  code = readme.split('## Use the model elsewhere')[1].split('```python\n')[1].split('```')[0]
+  assert "'pets.onnx'" in code and "'photo.jpg'" in code
+  ref = references['inception_v1']
+  for i in range(len(ref['images'])):  # a test image at the run's size: fitting changes nothing
+    photo = tmp_path / f'{i}.png'
+    Image.fromarray(np.round(ref['images'][i] * 255).astype(np.uint8)).save(photo)
+    exec(code.replace("'pets.onnx'", repr(str(exported['inception_v1', 'onnx', 'fold'])))
+         .replace("'photo.jpg'", repr(str(photo))), {})
+    assert capsys.readouterr().out.strip() == ref['spec'].class_names[ref['logits'][i].argmax()]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
