@@ -281,9 +281,12 @@ def check_request(fmt: str, batchnorm: str, out: str | os.PathLike) -> list[Path
     raise InputError(f'--format {fmt!r} is not one of {", ".join(FORMATS)}')
   if batchnorm not in BATCHNORM:
     raise InputError(f'--batchnorm {batchnorm!r} is not one of {", ".join(BATCHNORM)}')
-  paths = [interop.check_writable(out)]
+  paths = [interop.check_writable(out, f'model.{fmt}')]
   if fmt == 'jax':
-    paths.append(interop.check_writable(metadata_path(out)))
+    paths.append(metadata_path(out))
+    if paths[1].is_dir():
+      raise InputError(f'{paths[1]} is a folder, and --format jax writes its contract there '
+                       '(OUT.json beside OUT); choose another --out')
   _check_installed(fmt, NEEDS[fmt])
   return paths
 
@@ -335,8 +338,9 @@ def run(args: argparse.Namespace) -> int:
   meta = result['contract']
   inp = meta['input']
   norm = inp['normalization']
-  print(f'exported step {meta["step"]} of {args.workdir} ({meta["model"]}, BatchNorm '
-        f'{meta["batchnorm"]}) to {result["paths"][0]} ({result["bytes"][0] / 2**20:.1f} MiB)')
+  batchnorm = 'no BatchNorm' if meta['batchnorm'] == 'none' else f'BatchNorm {meta["batchnorm"]}'
+  print(f'exported step {meta["step"]} of {args.workdir} ({meta["model"]}, {batchnorm}) to '
+        f'{result["paths"][0]} ({result["bytes"][0] / 2**20:.1f} MiB)')
   print(f'input  {inp["name"]}: {inp["dtype"]} {inp["layout"]} '
         f'[{", ".join(map(str, inp["shape"]))}], {inp["color"]} in [0, 1]'
         + (f', normalised inside (mean {norm["mean"]}, std {norm["std"]})' if norm else ''))

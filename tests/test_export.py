@@ -273,16 +273,26 @@ def test_jax_metadata_beside_the_artifact_is_the_onnx_contract_in_nhwc(exported)
     assert beside == inside
 
 
-def test_folding_batchnorm_keeps_the_logits(runs, references):
-  """``inception_v1.fold_batchnorm`` in-process: the folded network against predict's."""
+@pytest.mark.parametrize('bn', ['fold', 'keep'])
+def test_jax_batchnorm_is_folded_or_kept_as_asked(exported, bn):
+  """A kept BatchNorm is one rsqrt per convolution in the StableHLO; folded, there is none."""
+  data = exported['inception_v1', 'jax', bn].read_bytes()
+  text = jax.export.deserialize(bytearray(data)).mlir_module()
+  assert text.count('stablehlo.convolution') % 57 == 0  # per platform where lowerings differ
+  assert text.count('stablehlo.rsqrt') == (57 if bn == 'keep' else 0)
+
+
+def test_the_folded_network_has_convolutions_with_biases_and_no_batchnorm(runs):
   from gnet_jax import inception_v1
   loaded = state_lib.load_checkpoint(runs['inception_v1'])
   model, variables = export.inference_network(loaded.config, loaded.spec, loaded.state.variables,
                                               'fold')
-  assert model.batchnorm_folded and 'bn' not in variables['params']['conv1']
+  assert model.batchnorm_folded and not model.aux_logits and model.kernels == 'xla'
+  assert set(variables) == {'params'} and 'aux1' not in variables['params']
+  assert set(variables['params']['conv1']) == {'conv'}
   assert variables['params']['conv1']['conv']['bias'].shape == (64,)
   folded = inception_v1.fold_batchnorm(loaded.state.variables)
-  assert set(folded['inception3a']['branch1']) == {'conv'}
+  assert set(folded['inception3a']['branch1']['conv']) == {'kernel', 'bias'}
 
 
 def test_the_readme_example_classifies_an_image_as_the_run(exported, references, tmp_path,
