@@ -92,12 +92,17 @@ def runs(d2l_run, inception_run) -> dict[str, Path]:
 
 
 @pytest.fixture(scope='module')
-def references(runs) -> dict[str, dict]:
+def checkpoints(runs) -> dict[str, state_lib.Checkpoint]:
+  """Each run's checkpoint, loaded once."""
+  return {name: state_lib.load_checkpoint(workdir) for name, workdir in runs.items()}
+
+
+@pytest.fixture(scope='module')
+def references(checkpoints) -> dict[str, dict]:
   """Per run: its test images as the exported models take them (float32 NHWC in [0, 1] at
   ``image_size``) and the logits of predict's computation (``preprocess``, ``model.apply``)."""
   out = {}
-  for name, workdir in runs.items():
-    state, config, _, spec = state_lib.load_checkpoint(workdir)
+  for name, (state, config, _, spec) in checkpoints.items():
     data = input_pipeline.load_dataset(config.dataset, config.data_source, config.data_dir,
                                        train_examples=0, eval_examples=-1,
                                        splits=(config.train_split, config.test_split),
@@ -112,18 +117,16 @@ def references(runs) -> dict[str, dict]:
 
 
 @pytest.fixture(scope='module')
-def exported(runs, tmp_path_factory) -> dict[tuple[str, str, str], Path]:
+def exported(runs, checkpoints, tmp_path_factory) -> dict[tuple[str, str, str], Path]:
   """Every artifact of ``ARTIFACTS``: the d2l ONNX file through the command line, the others
   from one load of each run's checkpoint."""
   folder = tmp_path_factory.mktemp('exported')
   paths = {key: folder / f'{key[0]}_{key[2]}.{key[1]}' for key in ARTIFACTS}
   assert export.main(['--workdir', str(runs['d2l']), '--format', 'onnx',
                       '--out', str(paths['d2l', 'onnx', 'fold'])]) == 0
-  for run, workdir in runs.items():
-    loaded = state_lib.load_checkpoint(workdir)
-    for key in ARTIFACTS:
-      if key[0] == run and key != ('d2l', 'onnx', 'fold'):
-        export.export_checkpoint(loaded, key[1], paths[key], batchnorm=key[2])
+  for key in ARTIFACTS:
+    if key != ('d2l', 'onnx', 'fold'):
+      export.export_checkpoint(checkpoints[key[0]], key[1], paths[key], batchnorm=key[2])
   return paths
 
 
@@ -134,9 +137,8 @@ def assert_same_predictions(logits: np.ndarray, reference: np.ndarray, what: str
   assert np.array_equal(logits.argmax(-1), reference.argmax(-1)), what
 
 
-def test_the_runs_are_trained_and_fine_tuned(runs):
-  d2l = state_lib.load_checkpoint(runs['d2l'])
-  inception = state_lib.load_checkpoint(runs['inception_v1'])
+def test_the_runs_are_trained_and_fine_tuned(checkpoints):
+  d2l, inception = checkpoints['d2l'], checkpoints['inception_v1']
   assert (d2l.config.model, int(d2l.step)) == ('d2l', 4)
   assert (inception.config.model, int(inception.step)) == ('inception_v1', 2)
   assert inception.config.init_from and inception.config.transform_input
@@ -282,9 +284,9 @@ def test_jax_batchnorm_is_folded_or_kept_as_asked(exported, bn):
   assert text.count('stablehlo.rsqrt') == (57 if bn == 'keep' else 0)
 
 
-def test_the_folded_network_has_convolutions_with_biases_and_no_batchnorm(runs):
+def test_the_folded_network_has_convolutions_with_biases_and_no_batchnorm(checkpoints):
   from gnet_jax import inception_v1
-  loaded = state_lib.load_checkpoint(runs['inception_v1'])
+  loaded = checkpoints['inception_v1']
   model, variables = export.inference_network(loaded.config, loaded.spec, loaded.state.variables,
                                               'fold')
   assert model.batchnorm_folded and not model.aux_logits and model.kernels == 'xla'
