@@ -121,6 +121,12 @@ def contract(config: Any, spec: Any, step: int, fmt: str, batchnorm: str) -> dic
   }
 
 
+def _without_aux_heads(variables: Mapping[str, Any]) -> dict:
+  """Each collection without the training-only aux heads (``aux1``, ``aux2``)."""
+  return {name: {k: v for k, v in tree.items() if k not in AUX_HEADS}
+          for name, tree in variables.items()}
+
+
 def inference_network(config: Any, spec: Any, variables: Mapping[str, Any], batchnorm: str
                       ) -> tuple[Any, dict]:
   """``(model, variables)`` for inference: no aux heads, float32, XLA's stock kernels.
@@ -136,8 +142,7 @@ def inference_network(config: Any, spec: Any, variables: Mapping[str, Any], batc
   config = ml_collections.ConfigDict(config.to_dict())
   config.update(aux_weight=0.0, kernels='xla', dtype='float32')
   model = state_lib.create_model(config, spec)
-  trees = {name: {k: v for k, v in tree.items() if k not in AUX_HEADS}
-           for name, tree in variables.items()}
+  trees = _without_aux_heads(variables)
   if config.model == 'inception_v1' and batchnorm == 'fold':
     return model.clone(batchnorm_folded=True), {'params': inception_v1.fold_batchnorm(trees)}
   return model, state_lib.model_variables(trees)
@@ -189,14 +194,11 @@ def torch_network(config: Any, spec: Any, variables: Mapping[str, Any],
   ``batchnorm='fold'``. The normalisation goes in front
   (``torch_reference.Standardize``).
   """
-  import importlib
-
   import torch
 
   from gnet_jax import inception_v1, interop, torch_reference
 
-  trees = {name: {k: v for k, v in tree.items() if k not in AUX_HEADS}
-           for name, tree in variables.items()}
+  trees = _without_aux_heads(variables)
   if config.model == 'inception_v1':
     torch_reference.torchvision_models()  # registers torchvision without its C extension
     googlenet = importlib.import_module('torchvision.models.googlenet')
