@@ -297,19 +297,22 @@ def test_the_folded_network_has_convolutions_with_biases_and_no_batchnorm(checkp
   assert set(folded['inception3a']['branch1']['conv']) == {'kernel', 'bias'}
 
 
-def test_the_readme_example_classifies_an_image_as_the_run(exported, references, tmp_path,
-                                                           capsys):
-  from PIL import Image
+def test_the_readme_example_classifies_images_as_predict_does(runs, checkpoints, exported,
+                                                              capsys):
+  """The README's onnxruntime lines on the run's test files: ``predict``'s top class for each."""
+  from gnet_jax import predict
   readme = (Path(__file__).resolve().parent.parent / 'README.md').read_text()
   code = readme.split('## Use the model elsewhere')[1].split('```python\n')[1].split('```')[0]
   assert "'pets.onnx'" in code and "'photo.jpg'" in code
-  ref = references['inception_v1']
-  for i in range(len(ref['images'])):  # a test image at the run's size: fitting changes nothing
-    photo = tmp_path / f'{i}.png'
-    Image.fromarray(np.round(ref['images'][i] * 255).astype(np.uint8)).save(photo)
+  folder = Path(checkpoints['inception_v1'].config.data_dir) / 'test'
+  files = sorted(p for p in folder.rglob('*') if p.is_file())
+  answers = predict.predict_images(runs['inception_v1'], files)
+  printed = []
+  for path in files:
     exec(code.replace("'pets.onnx'", repr(str(exported['inception_v1', 'onnx', 'fold'])))
-         .replace("'photo.jpg'", repr(str(photo))), {})
-    assert capsys.readouterr().out.strip() == ref['spec'].class_names[ref['logits'][i].argmax()]
+         .replace("'photo.jpg'", repr(str(path))), {})
+    printed.append(capsys.readouterr().out.strip())
+  assert len(files) == 9 and printed == [a['top'][0]['name'] for a in answers]
 
 
 # ----------------------------------------------------------------------------- bad input
