@@ -366,12 +366,13 @@ def load_torch_file(path: str | os.PathLike, *, trust_pickle: bool = False
   return normalize_keys(extract_state_dict(obj, path))
 
 
-def check_writable(path: str | os.PathLike) -> Path:
+def check_writable(path: str | os.PathLike, example: str = 'model.pth') -> Path:
   """``path`` if a file can be written there (its folder exists and is writable), else
-  ``InputError``: checked before any work, so a bad ``--out`` costs nothing."""
+  ``InputError``: checked before any work, so a bad ``--out`` costs nothing. ``example``:
+  the file name the message suggests when ``path`` is a folder."""
   path = Path(path)
   if path.is_dir():
-    raise InputError(f'{path} is a folder; give the file to write, e.g. {path / "model.pth"}')
+    raise InputError(f'{path} is a folder; give the file to write, e.g. {path / example}')
   folder = path.parent
   if not folder.is_dir():
     raise InputError(f'cannot write {path}: {folder} is not a folder; create it or choose '

@@ -6,8 +6,8 @@ nn.Linear(1024, num_classes))`` whose Inception modules name their convs
 ``p1_1``, ``p2_1``, ``p2_2``, ``p3_1``, ``p3_2``, ``p4_2``. Its ``state_dict``
 keys are therefore exactly those of a model trained with the book's code.
 Part of the package so that tests, benchmarks and users import it from one place
-(``from gnet_jax import torch_reference``); it needs PyTorch, and nothing else in
-``gnet_jax`` imports it.
+(``from gnet_jax import torch_reference``); it needs PyTorch, and of ``gnet_jax``
+only ``export`` imports it (inside its functions), for the ONNX export.
 
 ``torchvision_models`` loads torchvision's own model code (its GoogLeNet, the
 reference for ``gnet_jax.inception_v1``) even where ``import torchvision`` fails.
@@ -74,6 +74,23 @@ def googlenet(in_channels: int = 1, num_classes: int = 10) -> nn.Sequential:
     if isinstance(m, (nn.Conv2d, nn.Linear)):
       nn.init.xavier_uniform_(m.weight)
   return net
+
+
+class Standardize(nn.Module):
+  """``(x - mean) / std`` per channel of an NCHW batch: a run's normalisation as a layer.
+
+  What ``gnet_jax.export`` puts in front of a network so an exported model
+  takes pixels in [0, 1]; torchvision's ``Normalize`` would not do, as it checks
+  its values at run time, which ``torch.export`` cannot trace.
+  """
+
+  def __init__(self, mean, std):
+    super().__init__()
+    self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
+    self.register_buffer('std', torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return (x - self.mean) / self.std
 
 
 def shape_table(net: nn.Sequential, in_channels: int = 1,
