@@ -1,0 +1,381 @@
+"""Streaming input with Grain: image folders and tensorflow-datasets sets larger than memory.
+
+``--config.input=stream`` reads the training and test images while training
+instead of decoding them all first (``input_pipeline``, the ``memory`` path).
+Grain does the work: a ``MapDataset`` over the split's records (an image
+folder's ``(path, label)`` list, or tensorflow-datasets' ArrayRecord
+``data_source``), shuffled per epoch from the seed (``shuffle`` before
+``repeat``: Grain draws epoch ``e``'s order from ``(seed, e)``), decoded and
+fitted by ``image_folder``'s functions, batched, one slice per JAX process,
+and read ahead by Grain's threads and (``config.data_workers``) worker
+processes. Only Grain reads ahead: its iterator state, saved with every
+checkpoint (``checkpoint.save``'s ``data`` item), is then the position of the
+last batch the step consumed, and a resumed run sees the same batches.
+
+Batches have the memory path's layout: a global batch of ``batch_size``
+examples of which process ``i`` holds rows ``[i * B / P, (i + 1) * B / P)``,
+the last partial batch of an epoch dropped; evaluation batches cover the
+split once, zero-padded, with ``mask`` marking the real examples.
+
+Nothing here imports JAX at module level: Grain's worker processes (started
+with spawn) unpickle these functions and import this module, and must not
+initialise an accelerator.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from gnet_jax import image_folder
+from gnet_jax.errors import CheckpointError, ConfigError, DatasetError
+
+INPUTS = ('auto', 'memory', 'stream')
+# Training images decoded to estimate the channel statistics (``normalize``): a bounded
+# sample, evenly spaced over the listing, instead of a pass that would hold every image.
+STATS_SAMPLE = 1024
+# Batches Grain's threads read ahead in each process (or worker); kept small because a
+# batched element holds a whole (local) batch.
+PREFETCH_BATCHES = 2
+DATA_ITEM = 'data'  # the checkpoint item holding Grain's iterator state
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamData:
+  """What a streaming run reads: random-access records per split and how one becomes an image."""
+
+  train: Any  # len() and [i]: a split's records (nothing decoded)
+  test: Any
+  decode: Callable[[Any], dict]  # record -> {'image': uint8 HWC, 'label': int32}
+  spec: Any  # input_pipeline.DatasetSpec
+  source: str  # human-readable: where the data comes from
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.spec.image_shape)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def decode_file(record: tuple[str, int], image_size: int) -> dict[str, np.ndarray]:
+  """An image folder's ``(path, label)`` as training sees it (``image_folder.load_rgb``)."""
+  path, label = record
+  return {'image': image_folder.load_rgb(path, image_size), 'label': np.int32(label)}
+
+
+def decode_tfds(record: dict, image_size: int | None, fixed: bool) -> dict[str, np.ndarray]:
+  """A tensorflow-datasets record as the memory path reads it (``input_pipeline.load_tfds``)."""
+  image = record['image']
+  pixels = np.asarray(image, np.uint8).reshape(image.shape[:2] + (-1,))
+  if not fixed:
+    pixels = image_folder.fit_array(pixels, image_size)
+  return {'image': pixels, 'label': np.int32(record['label'])}
+
+
+class Head:
+  """The first ``count`` records of a random-access source (``train_examples``/``eval_examples``).
+
+  Written here because a tfds data source cannot be sliced; picklable for the workers.
+  """
+
+  def __init__(self, source: Any, count: int):
+    self.source, self.count = source, min(count, len(source)) if count >= 0 else len(source)
+
+  def __len__(self) -> int:
+    return self.count
+
+  def __getitem__(self, index: int):
+    return self.source[index]
+
+
+def _folder(config) -> StreamData:
+  from gnet_jax import input_pipeline
+
+  listing = image_folder.scan(config.data_dir)
+  records = {split: [(str(path), label) for path, label in listing.files[split]]
+             for split in image_folder.SPLITS}
+  shape = (config.image_size, config.image_size, 3)
+  ignored = f'; {listing.ignored} non-image files ignored' if listing.ignored else ''
+  return StreamData(records['train'], records['test'],
+                    functools.partial(decode_file, image_size=config.image_size),
+                    input_pipeline.DatasetSpec('image_folder', shape, listing.class_names),
+                    f'image folder {config.data_dir} (streamed{ignored})')
+
+
+def tfds_sources(dataset: str, data_dir: str | None, splits: tuple[str, str]) -> list:
+  """One random-access source per split (``tfds.data_source``: ArrayRecord, no TensorFlow).
+
+  With a ``data_dir``, tfds builds TFRecord unless told otherwise, and
+  ``data_source`` cannot read TFRecord: ArrayRecord is asked for explicitly.
+  """
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise DatasetError(f"{dataset} needs tensorflow-datasets: pip install -e '.[tfds]'") from None
+  kwargs = {'builder_kwargs': {'file_format': 'array_record'}} if data_dir else {}
+  try:
+    return [tfds.data_source(dataset, split=split, data_dir=data_dir or None, **kwargs)
+            for split in splits]
+  except NotImplementedError as e:  # prepared as TFRecord
+    raise DatasetError(f'{dataset} in {data_dir} is prepared as TFRecord ({e}); streaming reads '
+                       'ArrayRecord: prepare it again into an empty --config.data_dir, or use '
+                       '--config.input=memory') from None
+  except Exception as e:  # tfds raises many types for unknown names, splits and files
+    raise DatasetError(f'cannot stream {dataset} splits {", ".join(splits)} '
+                       f'({type(e).__name__}: {" ".join(str(e).split())[:300]}); check the name '
+                       'and --config.train_split / --config.test_split') from None
+
+
+def _tfds(config) -> StreamData:
+  from gnet_jax import input_pipeline
+
+  data_dir = config.data_dir if config.data_source == 'tfds' else None
+  train, test = tfds_sources(config.dataset, data_dir or None,
+                             (config.train_split, config.test_split))
+  features = train.dataset_info.features
+  if 'image' not in features or 'label' not in features or not hasattr(features['label'],
+                                                                        'names'):
+    raise DatasetError(f'{config.dataset} is not an image classification set: gnet-jax needs '
+                       f"an 'image' and a class 'label' feature; it has {', '.join(features)}")
+  stored = tuple(features['image'].shape)
+  fixed = all(d is not None for d in stored)
+  shape = stored if fixed else (config.image_size, config.image_size, stored[-1] or 3)
+  spec = input_pipeline.SPECS.get(config.dataset) or input_pipeline.DatasetSpec(
+      config.dataset, shape, tuple(features['label'].names))
+  return StreamData(train, test,
+                    functools.partial(decode_tfds, image_size=config.image_size, fixed=fixed),
+                    spec, f'tensorflow-datasets {config.dataset} (streamed)')
+
+
+def load(config) -> StreamData:
+  """The config's data set as streaming sources; the normalisation's statistics from a sample."""
+  from gnet_jax import input_pipeline
+
+  if config.dataset == 'image_folder':
+    data = _folder(config)
+  elif config.dataset in input_pipeline.SPECS and config.data_source != 'tfds':
+    raise ConfigError(f'--config.input=stream reads image folders and tensorflow-datasets sets; '
+                      f'{config.dataset} from IDX files fits in memory: use --config.input=memory '
+                      '(or auto), or --config.data_source=tfds')
+  else:
+    data = _tfds(config)
+  data = dataclasses.replace(data, train=Head(data.train, config.train_examples),
+                             test=Head(data.test, config.eval_examples))
+  if config.normalize and config.normalize_stats == 'training_set' and len(data.train):
+    sample = sample_images(data.train, data.decode, STATS_SAMPLE)
+    data = dataclasses.replace(data, spec=dataclasses.replace(
+        data.spec, normalization=input_pipeline.channel_stats(sample)))
+  return data
+
+
+def sample_images(source: Any, decode: Callable, count: int) -> np.ndarray:
+  """``count`` images evenly spaced over ``source`` (all if fewer), decoded in threads."""
+  rows = np.unique(np.linspace(0, len(source) - 1, min(count, len(source))).astype(int))
+  with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+    return np.stack(list(pool.map(lambda i: decode(source[int(i)])['image'], rows)))
+
+
+def bytes_decoded(config) -> tuple[int, str]:
+  """Bytes the memory path would hold for the config's data set, and what it is (for ``auto``)."""
+  if config.dataset == 'image_folder':
+    listing = image_folder.scan(config.data_dir)
+    count = sum(map(len, listing.files.values()))
+    return count * 3 * config.image_size ** 2, f'{count} images at {config.image_size}x' \
+        f'{config.image_size}x3'
+  data_dir = config.data_dir if config.data_source == 'tfds' else None
+  sources = tfds_sources(config.dataset, data_dir or None, (config.train_split,
+                                                            config.test_split))
+  shape = sources[0].dataset_info.features['image'].shape
+  pixels = int(np.prod([d or config.image_size for d in shape[:2]])) * (shape[-1] or 3)
+  count = sum(map(len, sources))
+  return count * pixels, f'{count} images of {pixels} bytes'
+
+
+def choose_input(config, saved_stream: bool | None = None) -> tuple[str, str]:
+  """``(memory or stream, why)``: the config's, or for ``auto`` what fits in memory.
+
+  ``saved_stream``: whether the checkpoint being resumed streamed (None: no
+  checkpoint, or one that has not trained yet). A resumed ``auto`` run keeps
+  its choice, so that memory free today cannot change the order of its
+  examples; a resume that names the other path is refused.
+  """
+  from gnet_jax import input_pipeline
+
+  if saved_stream is not None:
+    saved = 'stream' if saved_stream else 'memory'
+    if config.input not in ('auto', saved):
+      raise CheckpointError(f'the run in this --workdir was trained with input={saved}; '
+                            f'--config.input={config.input} would read its examples in another '
+                            f'order: resume with --config.input={saved} (or auto), or use a new '
+                            '--workdir')
+    return saved, 'as the checkpoint being resumed'
+  if config.input != 'auto':
+    return config.input, 'as configured'
+  if config.dataset in input_pipeline.SPECS and config.data_source != 'tfds':
+    return 'memory', f'{config.dataset} from IDX files fits in memory'
+  try:
+    need, what = bytes_decoded(config)
+  except DatasetError:
+    return 'memory', 'not readable as a stream'  # the memory path names the problem
+  have = input_pipeline.available_memory()
+  fits = not have or need <= input_pipeline.MEMORY_SHARE * have
+  return ('memory' if fits else 'stream',
+          f'{what} take {need / 2**30:.2f} GiB decoded, {"within" if fits else "over"} '
+          f'{input_pipeline.MEMORY_SHARE:.0%} of the {have / 2**30:.2f} GiB available')
+
+
+def saved_stream(workdir: str | os.PathLike) -> bool | None:
+  """Whether the newest checkpoint in ``workdir`` streamed; None without one past step 0."""
+  from gnet_jax import checkpoint
+
+  folder = checkpoint.checkpoint_dir(workdir)
+  steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) \
+      if folder.is_dir() else []
+  if not steps or steps[-1] == 0:
+    return None
+  return (folder / str(steps[-1]) / DATA_ITEM).is_dir()
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def train_dataset(data: StreamData, batch_size: int, seed: int, num_epochs: int,
+                  process_index: int = 0, process_count: int = 1):
+  """This process's training batches of every epoch, in order, as one ``grain.MapDataset``.
+
+  Element ``k`` is global step ``k``'s batch (this process's rows of it), so
+  the position of an iterator over it is the step.
+  """
+  import grain
+
+  n = len(data.train)
+  kept = n // batch_size * batch_size  # the last partial batch of each epoch is dropped
+  epochs = grain.MapDataset.source(data.train).shuffle(seed=seed).repeat(num_epochs)
+  examples = grain.MapDataset.concatenate([epochs[e * n:e * n + kept] for e in range(num_epochs)])
+  local = batch_size // process_count
+  # Local batches g * P + i make up global batch g: process i takes every P-th.
+  return examples.map(data.decode).batch(local, drop_remainder=True)[process_index::process_count]
+
+
+def _padding(index: int, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+  del index
+  return {'image': np.zeros(shape, np.uint8), 'label': np.int32(0), 'mask': np.bool_(False)}
+
+
+def _with_mask(element: dict) -> dict:
+  return {**element, 'mask': np.bool_(True)}
+
+
+def eval_dataset(data: StreamData, batch_size: int, process_index: int = 0,
+                 process_count: int = 1):
+  """The test split once, in order, zero-padded to whole batches; ``mask`` marks real examples."""
+  import grain
+
+  n = len(data.test)
+  padded = -(-n // batch_size) * batch_size
+  examples = grain.MapDataset.source(data.test).map(data.decode).map(_with_mask)
+  if padded > n:
+    pad = grain.MapDataset.range(padded - n).map(
+        functools.partial(_padding, shape=data.image_shape))
+    examples = grain.MapDataset.concatenate([examples, pad])
+  return examples.batch(batch_size // process_count)[process_index::process_count]
+
+
+def iterate(dataset, workers: int):
+  """A checkpointable iterator over ``dataset``: Grain's threads, and ``workers`` processes."""
+  import grain
+
+  threads = max(1, min(8, os.cpu_count() or 1))
+  it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                 prefetch_buffer_size=PREFETCH_BATCHES))
+  if workers:
+    # Grain's workers read absl flags of their own; a program that parsed none (a notebook,
+    # pytest) would fail on the first one, so the defaults are marked as parsed.
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=PREFETCH_BATCHES))
+  return iter(it)
+
+
+def close(iterator) -> None:
+  """Stops an iterator's worker processes now, not at garbage collection."""
+  closer = getattr(iterator, 'close', None)
+  if closer is not None:
+    closer()
+
+
+def eval_batches(data: StreamData, batch_size: int, workers: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """``eval_dataset``'s batches, its worker processes stopped at the end."""
+  it = iterate(eval_dataset(data, batch_size, process_index, process_count), workers)
+  try:
+    yield from it
+  finally:
+    close(it)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def data_item_dir(checkpoint_dir: Path, step: int) -> Path:
+  return Path(checkpoint_dir) / str(step) / DATA_ITEM
+
+
+def restore_position(manager, step: int, iterator, process_index: int = 0,
+                     process_count: int = 1) -> None:
+  """Sets ``iterator`` to the position saved with the checkpoint at ``step``.
+
+  Refuses a checkpoint saved by another number of processes (Grain keeps one
+  state per process) with a ``CheckpointError``; a step-0 checkpoint without a
+  position (imported weights) starts at the beginning.
+  """
+  import grain
+  import orbax.checkpoint as ocp
+
+  folder = data_item_dir(manager.directory, step)
+  if not folder.is_dir():
+    if step == 0:
+      return
+    raise CheckpointError(f'the checkpoint at step {step} in {manager.directory} has no stream '
+                          'position (it was saved by input=memory); resume with the input it was '
+                          'trained with, or use a new --workdir')
+  mine = folder / f'process_{process_index}-of-{process_count}.json'
+  if not mine.is_file():
+    saved = sorted(p.name for p in folder.glob('process_*.json'))
+    raise CheckpointError(f'the checkpoint at step {step} in {manager.directory} was streamed by '
+                          f'another number of processes ({", ".join(saved) or "none"}; now '
+                          f'{process_count}); resume with the same number of processes, or use '
+                          'a new --workdir')
+  manager.restore(step, args=ocp.args.Composite(
+      **{DATA_ITEM: grain.checkpoint.CheckpointRestore(iterator)}))
+  state = iterator.get_state()
+  if isinstance(state, dict) and 'next_index' in state and state['next_index'] != step:
+    raise CheckpointError(f'the checkpoint at step {step} in {manager.directory} holds stream '
+                          f'position {state["next_index"]}, not {step}; it is damaged: move it '
+                          'away to resume from the one before')
+
+
+def check_readable(data: StreamData) -> None:
+  """Refuses an empty split (nothing to stream) before anything is compiled."""
+  for name, split in (('training', data.train), ('test', data.test)):
+    if not len(split):
+      raise DatasetError(f'{data.source}: the {name} split is empty')
+
+
+def damaged(error: DatasetError, step: int, latest: int | None, workdir: Path) -> DatasetError:
+  """The error for a file found unreadable mid-run: what, where the run stands, how to go on."""
+  kept = (f'the checkpoint at step {latest} in {workdir} is intact' if latest is not None
+          else 'no checkpoint was saved yet')
+  return DatasetError(f'{error} (found while training step {step + 1}); stopped; {kept}: '
+                      'replace the file with a readable image of the same name and rerun the '
+                      'same command to continue from it (removing it instead changes the order '
+                      'of the examples)')
