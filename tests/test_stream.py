@@ -293,3 +293,11 @@ def test_tfds_sets_stream_as_memory_reads_them(tmp_path):
     summary = train.train_and_evaluate(config, tmp_path, model=TinyNet(num_classes=102))
   assert summary['step'] == 2 and np.isfinite(summary['train_loss'])
   assert (tmp_path / 'checkpoints' / '2' / 'data' / 'process_0-of-1.json').is_file()
+
+
+def test_the_evaluate_command_streams_a_streamed_run(reference):
+  from gnet_jax import evaluate
+  result = evaluate.evaluate_checkpoint(reference, num_examples=5)
+  assert result['count'] == 18 and result['step'] == 12
+  assert result['accuracy'] == history(reference)[-1]['test_acc']
+  assert result['examples']['images'].shape == (5, 16, 16, 3)
