@@ -40,9 +40,10 @@ INPUTS = ('auto', 'memory', 'stream')
 # Training images decoded to estimate the channel statistics (``normalize``): a bounded
 # sample, evenly spaced over the listing, instead of a pass that would hold every image.
 STATS_SAMPLE = 1024
-# Batches Grain's threads read ahead in each process (or worker); kept small because a
-# batched element holds a whole (local) batch.
+# Batches read ahead by each worker process; kept small because a batched element holds a
+# whole (local) batch. Without workers, the training process reads one batch ahead per thread.
 PREFETCH_BATCHES = 2
+MAX_THREADS = 8
 DATA_ITEM = 'data'  # the checkpoint item holding Grain's iterator state
 
 
@@ -189,13 +190,18 @@ def bytes_decoded(config) -> tuple[int, str]:
     count = sum(map(len, listing.files.values()))
     return count * 3 * config.image_size ** 2, f'{count} images at {config.image_size}x' \
         f'{config.image_size}x3'
+  from gnet_jax import input_pipeline
+
+  # The builder's metadata only: choosing must not download or prepare anything.
   data_dir = config.data_dir if config.data_source == 'tfds' else None
-  sources = tfds_sources(config.dataset, data_dir or None, (config.train_split,
-                                                            config.test_split))
-  shape = sources[0].dataset_info.features['image'].shape
-  pixels = int(np.prod([d or config.image_size for d in shape[:2]])) * (shape[-1] or 3)
-  count = sum(map(len, sources))
-  return count * pixels, f'{count} images of {pixels} bytes'
+  builder = input_pipeline._tfds_builder(config.dataset, data_dir or None)
+  stored, _ = input_pipeline._tfds_spec(config.dataset, builder)
+  sizes = input_pipeline._known_split_sizes(builder, config.dataset,
+                                            (config.train_split, config.test_split))
+  if sizes is None:
+    raise DatasetError(f'{config.dataset}: split sizes unknown before it is prepared')
+  pixels = int(np.prod([d or config.image_size for d in stored[:2]])) * (stored[-1] or 3)
+  return sum(sizes) * pixels, f'{sum(sizes)} images of {pixels} bytes'
 
 
 def choose_input(config, saved_stream: bool | None = None) -> tuple[str, str]:
@@ -289,12 +295,17 @@ def eval_dataset(data: StreamData, batch_size: int, process_index: int = 0,
 
 
 def iterate(dataset, workers: int):
-  """A checkpointable iterator over ``dataset``: Grain's threads, and ``workers`` processes."""
+  """A checkpointable iterator over ``dataset``: Grain's threads, and ``workers`` processes.
+
+  Each batch is decoded by one thread, so as many batches are read ahead as
+  there are threads: memory bounded by a few batches, whatever the data set's
+  size. With worker processes each decodes one batch at a time (one core each).
+  """
   import grain
 
-  threads = max(1, min(8, os.cpu_count() or 1))
-  it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                                 prefetch_buffer_size=PREFETCH_BATCHES))
+  threads = 1 if workers else max(1, min(MAX_THREADS, os.cpu_count() or 1))
+  it = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=threads, prefetch_buffer_size=max(threads, PREFETCH_BATCHES)))
   if workers:
     # Grain's workers read absl flags of their own; a program that parsed none (a notebook,
     # pytest) would fail on the first one, so the defaults are marked as parsed.

@@ -295,8 +295,11 @@ def test_tfds_sets_stream_as_memory_reads_them(tmp_path):
   assert (tmp_path / 'checkpoints' / '2' / 'data' / 'process_0-of-1.json').is_file()
 
 
-def test_the_evaluate_command_streams_a_streamed_run(reference):
+def test_the_evaluate_command_streams_a_streamed_run(reference, monkeypatch):
   from gnet_jax import evaluate
+  monkeypatch.setattr(state_lib, 'create_model',
+                      lambda config, spec: TinyNet(num_classes=spec.num_classes))
+  monkeypatch.setattr(input_pipeline, 'load_dataset', None)  # not read into memory
   result = evaluate.evaluate_checkpoint(reference, num_examples=5)
   assert result['count'] == 18 and result['step'] == 12
   assert result['accuracy'] == history(reference)[-1]['test_acc']
