@@ -2,7 +2,8 @@
 
 The real loop runs in-process on TinyNet over a generated three-class folder
 (48 training images, batch 8 -> 6 steps per epoch, 2 epochs, a checkpoint
-every 4 steps); only the kill -9 test starts a child process. The Grain
+every 4 steps); only the kill -9 tests start child processes (one, and two
+pairs joined by ``jax.distributed``). The Grain
 datasets themselves are checked on plain integers: every example once per
 epoch, the memory path's layout across processes, evaluation padded and masked.
 """
@@ -304,3 +305,71 @@ def test_the_evaluate_command_streams_a_streamed_run(reference, monkeypatch):
   assert result['count'] == 18 and result['step'] == 12
   assert result['accuracy'] == history(reference)[-1]['test_acc']
   assert result['examples']['images'].shape == (5, 16, 16, 3)
+
+
+# ----------------------------------------------------------------------------- two processes
+
+TWO_PROCESS_CHILD = '''
+import os, re, signal, sys, time
+from pathlib import Path
+sys.path[:0] = [{repo!r}, {tests!r}]
+import test_stream as ts  # imports conftest, which asks for 8 CPU devices ...
+os.environ['XLA_FLAGS'] = re.sub(r'count=\\d+', 'count=2', os.environ['XLA_FLAGS'])  # ... 2 here
+from gnet_jax import parallel
+workdir = Path({workdir!r})
+config = ts.stream_config(Path({folder!r}), parallelism='sharded', distributed=True,
+                          coordinator_address={address!r}, num_processes=2, process_id={pid})
+parallel.maybe_initialize_distributed(config)
+
+def kill_after_10(step):
+  if {kill} and step == 10:  # both processes, once checkpoint 8 is committed
+    deadline = time.monotonic() + 120
+    while not (workdir / 'checkpoints' / '8').is_dir() and time.monotonic() < deadline:
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+sys.exit(ts.run(config, workdir, after_step=kill_after_10))
+'''
+
+
+def start_two_processes(folder, workdir, kill):
+  from test_multihost import child_env, free_port
+  address = f'127.0.0.1:{free_port()}'
+  workdir.parent.mkdir(parents=True, exist_ok=True)
+  procs = []
+  for pid in range(2):
+    code = TWO_PROCESS_CHILD.format(repo=str(REPO), tests=str(REPO / 'tests'), folder=str(folder),
+                                    workdir=str(workdir), address=address, pid=pid, kill=kill)
+    procs.append(subprocess.Popen([sys.executable, '-c', code], cwd=REPO, env=child_env(2),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def finish(procs, timeout=400):
+  try:
+    return [(p.wait(timeout=timeout), p.stderr.read()) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+def test_two_processes_resume_after_sigkill_exactly(folder, tmp_path):
+  reference, workdir = tmp_path / 'reference', tmp_path / 'killed'
+  pairs = [start_two_processes(folder, reference, False),
+           start_two_processes(folder, workdir, True)]  # at once: two cores, four processes
+  uninterrupted, killed = finish(pairs[0]), finish(pairs[1])
+  assert [code for code, _ in uninterrupted] == [0, 0], uninterrupted[0][1][-3000:]
+  assert [code for code, _ in killed] == [-signal.SIGKILL] * 2, killed[0][1][-3000:]
+  saved = workdir / 'checkpoints' / '8' / 'data'
+  assert sorted(p.name for p in saved.glob('*.json')) == ['process_0-of-2.json',
+                                                          'process_1-of-2.json']
+  resumed = finish(start_two_processes(folder, workdir, False))
+  assert [code for code, _ in resumed] == [0, 0], resumed[0][1][-3000:]
+  config = stream_config(folder)
+  state, step = final_state(workdir, config)
+  expected, expected_step = final_state(reference, config)
+  assert step == expected_step == 12
+  chex.assert_trees_all_equal(state, expected)
+  assert history(workdir) == history(reference)
