@@ -8,11 +8,11 @@ Each part generates its JPEG folder under ``--out`` (kept, so a second run
 reuses it) and prints a markdown table; ``--json`` writes the numbers.
 
 - ``decode``: ``stream.decode_file`` (Pillow decode, RGB, shorter side scaled,
-  centre crop: what a Grain worker does per image) on one thread, over
+  centre crop: what a Grain worker does per test image; and with a resized
+  crop and a flip, per training image) on one thread, over
   ``--decode-images`` photo-sized JPEGs (500x375, ImageNet's typical size),
   at each ``--sizes``; then the host cores that would keep an accelerator fed
-  at ``--target`` images/s. Augmentation runs on the device in gnet-jax (both
-  input paths), so the host does no more than this per image.
+  at ``--target`` images/s.
 - ``memory``: ``train.py`` on a generated folder with ``input=stream``, in a
   child process whose resident memory (and that of its Grain workers) is
   sampled every 20 ms, at two folder sizes (``--images`` and four times as
@@ -76,18 +76,22 @@ def make_folder(root: Path, per_class: dict[str, int], size: tuple[int, int],
 # ----------------------------------------------------------------------------- decode
 
 
-def decode_rates(folder: Path, sizes: list[int], seconds: float) -> dict[int, float]:
-  """Images/s of ``stream.decode_file`` on one thread at each size (as many passes as fit)."""
+def decode_rates(folder: Path, sizes: list[int], seconds: float, augment: bool
+                 ) -> dict[int, float]:
+  """Images/s of ``stream.decode_file`` on one thread at each size (as many passes as fit);
+  ``augment``: with a resized crop and a flip, as a Grain worker does for training."""
   from gnet_jax import image_folder, stream
 
   files = [(str(p), 0) for p in sorted((folder / 'train').rglob('*.jpg'))]
   image_folder.load_rgb(files[0][0], sizes[0])  # imports and Pillow's first-use setup
+  options = ({'augment': stream.Augment('resized', 0, True)} if augment else {})
+  rng = np.random.default_rng(0)
   rates = {}
   for size in sizes:
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
       for record in files:
-        stream.decode_file(record, size)
+        stream.decode_file(record, size, rng=rng, **options)
       count += len(files)
     rates[size] = count / (time.perf_counter() - start)
   return rates
@@ -95,12 +99,16 @@ def decode_rates(folder: Path, sizes: list[int], seconds: float) -> dict[int, fl
 
 def run_decode(args) -> dict:
   folder = make_folder(args.out / 'photos', {'train': args.decode_images}, PHOTO)
-  rates = decode_rates(folder, args.sizes, args.seconds)
-  rows = [(f'{s}x{s}', f'{r:.0f}', f'{args.target / r:.0f}') for s, r in rates.items()]
+  plain = decode_rates(folder, args.sizes, args.seconds, augment=False)
+  augmented = decode_rates(folder, args.sizes, args.seconds, augment=True)
+  rows = [(f'{s}x{s}', f'{plain[s]:.0f}', f'{args.target / plain[s]:.0f}',
+           f'{augmented[s]:.0f}', f'{args.target / augmented[s]:.0f}') for s in args.sizes]
   print(harness.markdown_table(
-      ['image size', 'decode + fit, images/s per worker (1 core)',
-       f'cores for {args.target:,} images/s'], rows))
-  return {'decode_images_per_s': rates, 'target': args.target, 'source': f'{PHOTO[1]}x{PHOTO[0]}'}
+      ['image size', 'decode + fit, images/s per worker', f'cores for {args.target:,}/s',
+       'decode + resized crop + flip, images/s per worker', f'cores for {args.target:,}/s'],
+      rows))
+  return {'decode_images_per_s': plain, 'decode_augment_images_per_s': augmented,
+          'target': args.target, 'source': f'{PHOTO[1]}x{PHOTO[0]}'}
 
 
 # ----------------------------------------------------------------------------- training runs

@@ -65,19 +65,126 @@ class StreamData:
 # ----------------------------------------------------------------------------- records
 
 
-def decode_file(record: tuple[str, int], image_size: int) -> dict[str, np.ndarray]:
-  """An image folder's ``(path, label)`` as training sees it (``image_folder.load_rgb``)."""
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """Host-side training augmentation, the config's ``augment_*`` keys (see ``augment_pixels``)."""
+
+  crop: str = 'none'  # 'none', 'pad' or 'resized'
+  padding: int = 0
+  flip: bool = False
+
+  @property
+  def active(self) -> bool:
+    return self.crop != 'none' or self.flip
+
+  @classmethod
+  def from_config(cls, config) -> 'Augment':
+    return cls(config.augment_crop, config.augment_padding, config.augment_flip)
+
+
+# torchvision's RandomResizedCrop defaults, as gnet_jax/augment.py's on the device.
+RESIZED_CROP_SCALE = (0.08, 1.0)
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def resized_crop_box(width: int, height: int, rng: np.random.Generator
+                     ) -> tuple[int, int, int, int]:
+  """torchvision's ``RandomResizedCrop.get_params``: a box of 8-100% of the area, aspect 3/4-4/3.
+
+  Ten tries, then the centre crop at the nearest allowed aspect, as torchvision does.
+  """
+  area = width * height
+  log_ratio = (np.log(RESIZED_CROP_RATIO[0]), np.log(RESIZED_CROP_RATIO[1]))
+  for _ in range(10):
+    target = area * rng.uniform(*RESIZED_CROP_SCALE)
+    ratio = np.exp(rng.uniform(*log_ratio))
+    w, h = int(round(np.sqrt(target * ratio))), int(round(np.sqrt(target / ratio)))
+    if 0 < w <= width and 0 < h <= height:
+      top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+      return left, top, left + w, top + h
+  ratio = width / height
+  if ratio < RESIZED_CROP_RATIO[0]:
+    w, h = width, int(round(width / RESIZED_CROP_RATIO[0]))
+  elif ratio > RESIZED_CROP_RATIO[1]:
+    w, h = int(round(height * RESIZED_CROP_RATIO[1])), height
+  else:
+    w, h = width, height
+  top, left = (height - h) // 2, (width - w) // 2
+  return left, top, left + w, top + h
+
+
+def _to_image(pixels: np.ndarray):
+  from PIL import Image
+  return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+
+
+def resized_crop(image, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+  """A random box of the full-size Pillow ``image`` (``resized_crop_box``) resized to ``size``
+  (width, height): cut before any resizing, so the crop keeps the source's detail."""
+  from PIL import Image
+  box = resized_crop_box(*image.size, rng)
+  return np.asarray(image.resize(size, Image.Resampling.BILINEAR, box=box), np.uint8)
+
+
+def augment_pixels(pixels: np.ndarray, augment: Augment, rng: np.random.Generator) -> np.ndarray:
+  """``pad`` crop and flip of uint8 HWC pixels (``resized`` crops happen earlier, on the source).
+
+  The same operations as ``gnet_jax/augment.py`` on the device: zero-pad by
+  ``padding`` and cut the image's size back at a random place; mirror
+  left-right with probability 1/2.
+  """
+  h, w = pixels.shape[:2]
+  if augment.crop == 'pad' and augment.padding:
+    p = augment.padding
+    padded = np.pad(pixels, ((p, p), (p, p), (0, 0)))
+    dy, dx = rng.integers(0, 2 * p + 1, 2)
+    pixels = padded[dy:dy + h, dx:dx + w]
+  if augment.flip and rng.random() < 0.5:
+    pixels = pixels[:, ::-1]
+  return np.ascontiguousarray(pixels)
+
+
+def decode_file(record: tuple[str, int], image_size: int, augment: Augment | None = None,
+                rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+  """An image folder's ``(path, label)`` as training sees it (``image_folder.load_rgb``).
+
+  With ``augment`` and ``rng`` (training), augmented on the host: a ``resized``
+  crop is cut from the full-size file, then resized to ``image_size``.
+  """
   path, label = record
-  return {'image': image_folder.load_rgb(path, image_size), 'label': np.int32(label)}
+  if augment is None or not augment.active:
+    return {'image': image_folder.load_rgb(path, image_size), 'label': np.int32(label)}
+  image = image_folder.read_image(path, 'RGB')
+  if augment.crop == 'resized':
+    pixels = resized_crop(image, (image_size, image_size), rng)
+  else:
+    pixels = np.asarray(image_folder.fit_square(image, image_size), np.uint8)
+  return {'image': augment_pixels(pixels, augment, rng), 'label': np.int32(label)}
 
 
-def decode_tfds(record: dict, image_size: int | None, fixed: bool) -> dict[str, np.ndarray]:
-  """A tensorflow-datasets record as the memory path reads it (``input_pipeline.load_tfds``)."""
+def decode_tfds(record: dict, image_size: int | None, fixed: bool,
+                augment: Augment | None = None, rng: np.random.Generator | None = None
+                ) -> dict[str, np.ndarray]:
+  """A tensorflow-datasets record as the memory path reads it (``input_pipeline.load_tfds``).
+
+  Sets of one stored size keep it (the device resizes); with ``augment``, as ``decode_file``.
+  """
   image = record['image']
   pixels = np.asarray(image, np.uint8).reshape(image.shape[:2] + (-1,))
-  if not fixed:
+  channels = pixels.shape[-1]
+  if augment is not None and augment.active and augment.crop == 'resized':
+    size = (pixels.shape[1], pixels.shape[0]) if fixed else (image_size, image_size)
+    pixels = resized_crop(_to_image(pixels), size, rng).reshape(size[::-1] + (channels,))
+  elif not fixed:
     pixels = image_folder.fit_array(pixels, image_size)
+  if augment is not None and augment.active:
+    pixels = augment_pixels(pixels, augment, rng)
   return {'image': pixels, 'label': np.int32(record['label'])}
+
+
+def _decode_augmented(record: Any, rng: np.random.Generator, decode: Callable,
+                      augment: Augment) -> dict[str, np.ndarray]:
+  return decode(record, augment=augment, rng=rng)
 
 
 class Head:
@@ -253,11 +360,15 @@ def saved_stream(workdir: str | os.PathLike) -> bool | None:
 
 
 def train_dataset(data: StreamData, batch_size: int, seed: int, num_epochs: int,
-                  process_index: int = 0, process_count: int = 1):
+                  process_index: int = 0, process_count: int = 1,
+                  augment: Augment | None = None):
   """This process's training batches of every epoch, in order, as one ``grain.MapDataset``.
 
   Element ``k`` is global step ``k``'s batch (this process's rows of it), so
-  the position of an iterator over it is the step.
+  the position of an iterator over it is the step. ``augment``: host-side
+  augmentation through ``random_map``, whose generator Grain seeds with the
+  seed and the example's index in the run: the same draws after a resume and
+  with any number of workers or processes.
   """
   import grain
 
@@ -267,7 +378,12 @@ def train_dataset(data: StreamData, batch_size: int, seed: int, num_epochs: int,
   examples = grain.MapDataset.concatenate([epochs[e * n:e * n + kept] for e in range(num_epochs)])
   local = batch_size // process_count
   # Local batches g * P + i make up global batch g: process i takes every P-th.
-  return examples.map(data.decode).batch(local, drop_remainder=True)[process_index::process_count]
+  if augment is not None and augment.active:
+    decoded = examples.random_map(functools.partial(_decode_augmented, decode=data.decode,
+                                                    augment=augment), seed=seed)
+  else:
+    decoded = examples.map(data.decode)
+  return decoded.batch(local, drop_remainder=True)[process_index::process_count]
 
 
 def _padding(index: int, shape: tuple[int, ...]) -> dict[str, np.ndarray]:

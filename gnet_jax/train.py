@@ -277,21 +277,24 @@ def _restore_or_init(workdir: Path, init: TrainState, config: ml_collections.Con
 
 
 def make_train_step(runner: parallel.Runner, model: Any, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict, spec: input_pipeline.DatasetSpec
-                    ) -> Callable:
+                    config: ml_collections.ConfigDict, spec: input_pipeline.DatasetSpec,
+                    host_augment: bool = False) -> Callable:
   """``train_step`` with the config's settings, placed by ``runner``: the step a run takes
-  (``benchmarks/replay.py`` replays a run's steps with it)."""
+  (``benchmarks/replay.py`` replays a run's steps with it). ``host_augment``: the
+  batches come augmented (a stream's workers did it), so the step does not."""
   return runner.train_step(train_step, model=model, tx=tx, image_size=config.image_size,
                            aux_weight=float(config.aux_weight),
-                           normalization=spec.normalization, augment_crop=config.augment_crop,
-                           augment_flip=config.augment_flip,
+                           normalization=spec.normalization,
+                           augment_crop='none' if host_augment else config.augment_crop,
+                           augment_flip=config.augment_flip and not host_augment,
                            augment_padding=config.augment_padding)
 
 
-def _compile_train_step(runner, model, tx, config, spec, state, first_batch) -> Callable:
+def _compile_train_step(runner, model, tx, config, spec, state, first_batch,
+                        host_augment: bool = False) -> Callable:
   """AOT-compiled train step, so the first epoch's examples/sec excludes compilation."""
   t0 = time.perf_counter()
-  step_fn = make_train_step(runner, model, tx, config, spec)
+  step_fn = make_train_step(runner, model, tx, config, spec, host_augment)
   compiled = step_fn.lower(state, runner.put_batch(first_batch)).compile()
   if jax.process_index() == 0:
     since_start = xla_flags.seconds_since_process_start()
@@ -376,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
       # state is the position of the last batch consumed, saved with each checkpoint.
       data_iterator = stream.iterate(stream.train_dataset(
           data, config.batch_size, config.seed, config.num_epochs, jax.process_index(),
-          jax.process_count()), config.data_workers)
+          jax.process_count(), stream.Augment.from_config(config)), config.data_workers)
       cleanup.callback(stream.close, data_iterator)
       batches = lambda epoch, position: itertools.islice(  # noqa: E731
           data_iterator, steps_per_epoch - position)
@@ -386,7 +389,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
           data.train_images, data.train_labels, config.batch_size, config.seed, epoch, position,
           jax.process_index(), jax.process_count())
       first_batch = next(batches(0, 0))
-    compiled_step = _compile_train_step(runner, model, tx, config, spec, state, first_batch)
+    compiled_step = _compile_train_step(runner, model, tx, config, spec, state, first_batch,
+                                        host_augment=kind == 'stream')
     eval_fn = compile_eval(runner, model, config.image_size, spec)
     xla_flags.return_freed_memory()  # the compiler's scratch memory: 0.5 GiB less peak RSS
     manager = checkpoint.open_manager(workdir, config.max_checkpoints, keep_steps=damaged)

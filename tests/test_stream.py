@@ -133,6 +133,43 @@ def test_iterator_position_is_the_step_and_restores():
   np.testing.assert_array_equal(next(again)['label'], first[3])
 
 
+def pictures(n, size=12):
+  rng = np.random.default_rng(0)
+  records = [{'image': rng.integers(0, 255, (size, size, 3), np.uint8), 'label': i}
+             for i in range(n)]
+  return stream.StreamData(records, records, functools.partial(
+      stream.decode_tfds, image_size=size, fixed=True),
+      input_pipeline.DatasetSpec('pictures', (size, size, 3), ('a', 'b')), 'pictures')
+
+
+@pytest.mark.parametrize('augment', [stream.Augment('pad', 2, True), stream.Augment('resized')])
+def test_host_augmentation_is_seeded_by_the_examples_index(augment):
+  data = pictures(16)
+  ds = stream.train_dataset(data, 4, seed=1, num_epochs=2, augment=augment)
+  plain = stream.train_dataset(data, 4, seed=1, num_epochs=2)
+  batches = [ds[k] for k in range(len(ds))]
+  for k in (5, 2, 7):  # any order, any worker: element k is always the same
+    np.testing.assert_array_equal(ds[k]['image'], batches[k]['image'])
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]),
+                                np.concatenate([plain[k]['label'] for k in range(len(plain))]))
+  changed = [not np.array_equal(batches[k]['image'], plain[k]['image']) for k in range(8)]
+  assert sum(changed) >= 6 and batches[0]['image'].shape == (4, 12, 12, 3)
+  # The same picture in its two epochs is augmented differently.
+  first = {int(l): im for b in batches[:4] for l, im in zip(b['label'], b['image'])}
+  second = {int(l): im for b in batches[4:] for l, im in zip(b['label'], b['image'])}
+  assert sum(not np.array_equal(first[i], second[i]) for i in first) >= 12
+
+
+def test_resized_crop_boxes_are_torchvisions():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    left, top, right, bottom = stream.resized_crop_box(40, 30, rng)
+    assert 0 <= left < right <= 40 and 0 <= top < bottom <= 30
+    assert 0.07 <= (right - left) * (bottom - top) / 1200 <= 1.0
+  # No box of 8% of a 100x2 strip has an aspect within 3/4-4/3: the centre at aspect 4/3.
+  assert stream.resized_crop_box(100, 2, np.random.default_rng(0)) == (48, 0, 51, 2)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
