@@ -17,9 +17,9 @@ examples of which process ``i`` holds rows ``[i * B / P, (i + 1) * B / P)``,
 the last partial batch of an epoch dropped; evaluation batches cover the
 split once, zero-padded, with ``mask`` marking the real examples.
 
-Nothing here imports JAX at module level: Grain's worker processes (started
-with spawn) unpickle these functions and import this module, and must not
-initialise an accelerator.
+Nothing here imports JAX at module level or starts a JAX backend: Grain's
+worker processes (started with spawn) unpickle these functions and import
+this module, and must not take an accelerator's memory.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -429,8 +430,26 @@ def iterate(dataset, workers: int):
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                     per_worker_buffer_size=PREFETCH_BATCHES))
+                                                     per_worker_buffer_size=PREFETCH_BATCHES),
+                        worker_init_fn=functools.partial(die_with_parent, os.getpid()))
   return iter(it)
+
+
+def die_with_parent(parent: int, worker_index: int = 0, worker_count: int = 1) -> None:
+  """In a Grain worker: ends it when the training process dies (Linux), even by ``kill -9``.
+
+  Written here because Grain's workers do not watch their parent: after a
+  killed run they would live on, holding memory and shared-memory segments.
+  """
+  del worker_index, worker_count
+  if not sys.platform.startswith('linux'):
+    return
+  import ctypes
+  import signal
+  pr_set_pdeathsig = 1
+  ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+  if os.getppid() != parent:  # died before the call
+    os._exit(1)
 
 
 def close(iterator) -> None:
