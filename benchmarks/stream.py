@@ -67,7 +67,7 @@ def make_folder(root: Path, per_class: dict[str, int], size: tuple[int, int],
     for k in range(classes):
       folder = root / split / f'c{k}'
       folder.mkdir(parents=True, exist_ok=True)
-      for i in range(n // classes):
+      for i in range(-(-n // classes)):  # at least one image per class
         Image.fromarray(photo(rng, size)).save(folder / f'{i:06d}.jpg', quality=90)
   done.touch()
   return root
@@ -98,7 +98,8 @@ def decode_rates(folder: Path, sizes: list[int], seconds: float, augment: bool
 
 
 def run_decode(args) -> dict:
-  folder = make_folder(args.out / 'photos', {'train': args.decode_images}, PHOTO)
+  folder = make_folder(args.out / f'photos_{args.decode_images}', {'train': args.decode_images},
+                       PHOTO, classes=1)
   plain = decode_rates(folder, args.sizes, args.seconds, augment=False)
   augmented = decode_rates(folder, args.sizes, args.seconds, augment=True)
   rows = [(f'{s}x{s}', f'{plain[s]:.0f}', f'{args.target / plain[s]:.0f}',
@@ -155,7 +156,7 @@ def run_memory(args) -> dict:
   results = []
   for scale in (1, 4):
     n = args.images * scale
-    folder = make_folder(args.out / f'memory_{n}', {'train': n, 'test': n // 10},
+    folder = make_folder(args.out / f'memory_{n}_{args.source_size}px', {'train': n, 'test': n // 10},
                          (args.source_size, args.source_size))
     decoded = (n + n // 10) * 3 * args.image_size ** 2
     refused = run_sampled(train_command(folder, Path(tempfile.mkdtemp()), 'memory', args), env)
@@ -179,7 +180,7 @@ def run_memory(args) -> dict:
 
 
 def run_throughput(args) -> dict:
-  folder = make_folder(args.out / f'throughput_{args.images}',
+  folder = make_folder(args.out / f'throughput_{args.images}_{args.source_size}px',
                        {'train': args.images, 'test': args.images // 10},
                        (args.source_size, args.source_size))
   rates = {'memory': [], 'stream': []}

@@ -426,3 +426,16 @@ def test_two_processes_resume_after_sigkill_exactly(folder, tmp_path):
   assert step == expected_step == 12
   chex.assert_trees_all_equal(state, expected)
   assert history(workdir) == history(reference)
+
+
+def test_decode_benchmark_runs_and_reports_cores(tmp_path):
+  """``python -m benchmarks.stream decode`` at a tiny size (its figures are measured quietly)."""
+  out = subprocess.run([sys.executable, '-m', 'benchmarks.stream', 'decode', '--out',
+                        str(tmp_path), '--decode-images', '3', '--seconds', '0.05', '--sizes',
+                        '16', '--json', str(tmp_path / 'decode.json')],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert '| 16x16 |' in out.stdout and 'cores for 20,000/s' in out.stdout
+  saved = json.loads((tmp_path / 'decode.json').read_text())
+  for key in ('decode_images_per_s', 'decode_augment_images_per_s'):
+    assert saved[key]['16'] > 0
