@@ -44,7 +44,7 @@ PHOTO = (375, 500)  # height, width: ImageNet's most common size
 
 
 def photo(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
-  """A smooth colour picture with fine noise: compresses and decodes like a photo, not like noise."""
+  """A smooth colour picture with fine noise: it compresses and decodes like a photo."""
   h, w = size
   y, x = np.mgrid[:h, :w] / max(h, w)
   freq = rng.uniform(2, 8, 3)
@@ -156,8 +156,8 @@ def run_memory(args) -> dict:
   results = []
   for scale in (1, 4):
     n = args.images * scale
-    folder = make_folder(args.out / f'memory_{n}_{args.source_size}px', {'train': n, 'test': n // 10},
-                         (args.source_size, args.source_size))
+    folder = make_folder(args.out / f'memory_{n}_{args.source_size}px',
+                         {'train': n, 'test': n // 10}, (args.source_size, args.source_size))
     decoded = (n + n // 10) * 3 * args.image_size ** 2
     refused = run_sampled(train_command(folder, Path(tempfile.mkdtemp()), 'memory', args), env)
     run = run_sampled(train_command(folder, Path(tempfile.mkdtemp()), 'stream', args), env)
