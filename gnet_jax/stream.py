@@ -350,8 +350,10 @@ def saved_stream(workdir: str | os.PathLike) -> bool | None:
   from gnet_jax import checkpoint
 
   folder = checkpoint.checkpoint_dir(workdir)
-  steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) \
-      if folder.is_dir() else []
+  try:
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+  except OSError:  # none yet, or unreadable: the workdir checks that follow say so
+    return None
   if not steps or steps[-1] == 0:
     return None
   return (folder / str(steps[-1]) / DATA_ITEM).is_dir()
