@@ -15,6 +15,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = 'fashion_mnist'
   config.data_source = 'auto'  # 'auto' (local IDX files if found, else tfds), 'idx' or 'tfds'
   config.data_dir = ''  # IDX folder, image folder, or tensorflow-datasets data_dir (tfds)
+  # 'memory' (decode the whole set first; fastest for the MNIST family), 'stream' (read with
+  # Grain while training: image folders and tfds sets larger than memory) or 'auto' (stream
+  # when the decoded set would not fit in memory). See docs/streaming.md.
+  config.input = 'auto'
+  config.data_workers = 0  # stream: Grain worker processes decoding (0 = threads in this one)
   config.train_split = 'train'  # tensorflow-datasets split names (slices like 'train[:90%]' work)
   config.test_split = 'test'
   config.image_size = 96  # images are resized on device to image_size x image_size

@@ -8,9 +8,11 @@ devices restores on one device and vice versa, because restoring reads plain
 arrays whose shapes and dtypes come from the target and the current runner then
 places them (``runner.put_state``).
 
-The data position needs no storage of its own: it follows from ``state.step``
-(epoch = step // steps_per_epoch, position = step % steps_per_epoch), and the
-epoch's running metric sums travel in ``state.metrics``.
+In memory (``input=memory``) the data position needs no storage of its own: it
+follows from ``state.step`` (epoch = step // steps_per_epoch, position = step %
+steps_per_epoch), and the epoch's running metric sums travel in
+``state.metrics``. A streaming run also saves its Grain iterator's state (the
+``data`` item, ``gnet_jax.stream``), read back by ``stream.restore_position``.
 
 Damaged checkpoints (missing, truncated or zeroed files) are skipped with a
 warning, newest first; nothing here ever deletes one.
@@ -34,7 +36,9 @@ from gnet_jax import config as config_lib
 from gnet_jax.errors import CheckpointError
 
 CHECKPOINT_DIR = 'checkpoints'
-ITEMS = ('state', 'config', 'dataset')  # dataset: a DatasetSpec as JSON (older checkpoints lack it)
+# dataset: a DatasetSpec as JSON (older checkpoints lack it); data: a streaming run's Grain
+# iterator state, one JSON file per process (memory runs and older checkpoints have none).
+ITEMS = ('state', 'config', 'dataset', 'data')
 
 # Config keys that may change between a checkpoint and the run resuming from it:
 # how long to train, how to report, how to checkpoint, where the data folder is
@@ -46,8 +50,10 @@ RESUMABLE_CHANGES = frozenset({
     'num_epochs', 'progress', 'checkpoint_every_steps', 'max_checkpoints',
     'eval_batch_size', 'data_dir', 'parallelism', 'num_devices', 'distributed',
     'coordinator_address', 'num_processes', 'process_id', 'kernels', 'log_every_steps',
-    'profile_steps', 'compilation_cache', 'init_from',
+    'profile_steps', 'compilation_cache', 'init_from', 'input',
 })
+# ``input`` may go from 'auto' to the path the run took and back; a change of the path itself
+# (memory <-> stream) is refused by ``train``, which knows which one the checkpoint used.
 
 
 def checkpoint_dir(workdir: str | Path) -> Path:
@@ -87,18 +93,24 @@ def config_dict(config: ml_collections.ConfigDict | dict) -> dict:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         config: ml_collections.ConfigDict | dict, dataset: dict | None = None) -> None:
+         config: ml_collections.ConfigDict | dict, dataset: dict | None = None,
+         data_iterator: Any = None) -> None:
   """Starts saving ``state`` (one unreplicated replica, host or device) at ``step``.
 
   ``dataset`` (a ``DatasetSpec.to_json()``: class names, image shape,
   normalisation) is saved beside it, so commands on the run need only the
-  workdir. Returns once the data is copied; writing goes on in the
-  background. Call ``manager.wait_until_finished()`` before relying on it.
+  workdir. ``data_iterator``: a streaming run's Grain iterator, whose position
+  (the batches consumed so far) is saved as the ``data`` item, written now,
+  before the loop reads on. Returns once the data is copied; writing goes on
+  in the background. Call ``manager.wait_until_finished()`` before relying on it.
   """
   items = {'state': ocp.args.StandardSave(host_tree(state)),
            'config': ocp.args.JsonSave(config_dict(config))}
   if dataset is not None:
     items['dataset'] = ocp.args.JsonSave(dataset)
+  if data_iterator is not None:
+    import grain
+    items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 

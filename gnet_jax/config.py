@@ -66,6 +66,8 @@ RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     'dataset': _str(),
     'data_source': _choice('auto', 'idx', 'tfds'),
     'data_dir': _str(),
+    'input': _choice('auto', 'memory', 'stream'),
+    'data_workers': _int(0, 256),
     'train_split': _str(),
     'test_split': _str(),
     'image_size': _int(MIN_IMAGE_SIZE, 1024),
@@ -164,6 +166,8 @@ BEFORE_KEY_EXISTED: dict[str, Any] = {
     'pretrained_lr_multiplier': 1.0,
     'bn_stats': 'update',  # inception_v1's only; d2l has no BatchNorm
     'normalize_stats': 'training_set',  # the training images' own statistics
+    'input': 'memory',  # decoded into memory, the only input path
+    'data_workers': 0,  # unused in memory
 }
 
 # Each model's blocks in forward order (``trainable`` names one: it and every later one

@@ -36,9 +36,12 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None,
   """
   import ml_collections
 
-  from gnet_jax import input_pipeline, parallel, predict, state as state_lib, train
+  from gnet_jax import input_pipeline, parallel, state as state_lib, stream, train
 
   config, spec = state_lib.read_run(workdir, step)
+  # A run that streamed (its checkpoint has a stream position) is evaluated streaming.
+  if stream.choose_input(config, stream.saved_stream(workdir))[0] == 'stream':
+    return _evaluate_streamed(workdir, step, num_examples, config, spec)
   # The full test split, whatever eval_examples the run used; no training data needed.
   data = input_pipeline.load_dataset(config.dataset, config.data_source, config.data_dir,
                                      train_examples=0, eval_examples=-1,
@@ -58,9 +61,45 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None,
   result = train.evaluate(runner, eval_fn, runner.put_state(state.variables), data.test_images,
                           data.test_labels, train.eval_batch_size(config, 1))
   images = data.test_images[:num_examples]
+  labels = np.asarray(data.test_labels[:num_examples])
+  return _with_examples(result, images, labels, model, state, config, step, spec)
+
+
+def _evaluate_streamed(workdir, step, num_examples, config, spec) -> dict:
+  """``evaluate_checkpoint`` for a run that streamed: the test split read with Grain."""
+  import ml_collections
+
+  from gnet_jax import input_pipeline, parallel, state as state_lib, stream, train
+
+  quick = ml_collections.ConfigDict(config.to_dict())
+  quick.normalize, quick.train_examples, quick.eval_examples = False, 0, -1  # the saved spec's
+  data = stream.load(quick)
+  input_pipeline.check_same_data(
+      spec, data.spec, f'the checkpoint in {Path(workdir).absolute() / "checkpoints"}',
+      'evaluate it on the data it was trained on (the same class folders and --config.image_size),'
+      ' or train a run on this data')
+  state, config, step, spec = state_lib.load_checkpoint(workdir, step)
+  runner = parallel.make_runner(ml_collections.ConfigDict(
+      {'batch_size': config.batch_size, 'parallelism': 'none', 'num_devices': 0}))
+  model = state_lib.create_model(config, spec)
+  eval_fn = train.compile_eval(runner, model, config.image_size, spec)
+  result = train.evaluate_batches(runner, eval_fn, runner.put_state(state.variables),
+                                  stream.eval_batches(data, train.eval_batch_size(config, 1),
+                                                      config.data_workers))
+  first = [data.decode(data.test[i]) for i in range(min(num_examples, len(data.test)))]
+  images = (np.stack([e['image'] for e in first]) if first
+            else np.zeros((0,) + tuple(spec.image_shape), np.uint8))
+  labels = np.asarray([e['label'] for e in first], np.int32)
+  return _with_examples(result, images, labels, model, state, config, step, spec)
+
+
+def _with_examples(result, images, labels, model, state, config, step, spec) -> dict:
+  """``result`` with the run's identity and ``examples``: images, labels and predictions."""
+  from gnet_jax import predict
+
   predict_fn = predict.make_predict_fn(model, state.variables, config.image_size,
                                        spec.normalization)
-  examples = {'images': images, 'labels': np.asarray(data.test_labels[:num_examples]),
+  examples = {'images': images, 'labels': labels,
               'predictions': (predict_fn(images).argmax(-1) if len(images)
                               else np.zeros((0,), np.int64))}
   return {**result, 'step': step, 'config': config, 'class_names': spec.class_names,

@@ -100,6 +100,14 @@ def fit_square(image, image_size: int):
   return ImageOps.fit(image, (image_size, image_size), method=Image.Resampling.BILINEAR)
 
 
+def fit_array(pixels: np.ndarray, image_size: int) -> np.ndarray:
+  """uint8 HWC pixels of any size fitted to an ``image_size`` square (``fit_square``)."""
+  from PIL import Image
+  image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+  fitted = fit_square(image, image_size)
+  return np.asarray(fitted, np.uint8).reshape(image_size, image_size, pixels.shape[-1])
+
+
 # Pillow's modes for 16-bit grey (PNG, TIFF); 'I' is 32-bit int, 'F' 32-bit float.
 SIXTEEN_BIT_MODES = ('I;16', 'I;16B', 'I;16L', 'I;16N')
 

@@ -272,30 +272,42 @@ def _tfds_spec(dataset: str, builder) -> tuple[tuple, tuple[str, ...]]:
   return tuple(features['image'].shape), tuple(features['label'].names)
 
 
+# The share of available memory a data set decoded into memory may take.
+MEMORY_SHARE = 0.8
+# Caps the memory the checks below see, in MiB (to try streaming on a small machine's terms).
+MEMORY_LIMIT_ENV = 'GNET_JAX_MEMORY_LIMIT_MB'
+
+
 def available_memory() -> int:
-  """Bytes of memory this machine can still give without swapping, on any OS (psutil)."""
+  """Bytes of memory this machine can still give without swapping, on any OS (psutil).
+
+  ``$GNET_JAX_MEMORY_LIMIT_MB``, when set, caps it.
+  """
   import psutil
-  return int(psutil.virtual_memory().available)
+  have = int(psutil.virtual_memory().available)
+  limit = os.environ.get(MEMORY_LIMIT_ENV, '').strip()
+  if limit:
+    try:
+      have = min(have, int(float(limit) * 2**20))
+    except ValueError:
+      raise DatasetError(f'{MEMORY_LIMIT_ENV}={limit!r} is not a number of MiB') from None
+  return have
 
 
 def check_fits_in_memory(what: str, num_images: int, shape: tuple[int, int, int]) -> None:
   """Refuses, before reading, data whose uint8 arrays would not fit in memory."""
   need, have = num_images * int(np.prod(shape)), available_memory()
-  if have and need > 0.8 * have:
+  if have and need > MEMORY_SHARE * have:
     raise DatasetError(
         f'{what}: {num_images} images of {shape[0]}x{shape[1]}x{shape[2]} need '
         f'{need / 2**30:.1f} GiB in memory, and {have / 2**30:.1f} GiB is available; use a '
         'slice of the splits (e.g. --config.train_split=train[:25%]), a smaller '
-        '--config.image_size, or a machine with more memory (streaming is not supported yet)')
+        '--config.image_size, or stream it from disk: --config.input=stream')
 
 
 def _fit_array(pixels: np.ndarray, image_size: int) -> np.ndarray:
-  from PIL import Image
-
   from gnet_jax import image_folder
-  image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-  fitted = image_folder.fit_square(image, image_size)
-  return np.asarray(fitted, np.uint8).reshape(image_size, image_size, pixels.shape[-1])
+  return image_folder.fit_array(pixels, image_size)
 
 
 def load_tfds(dataset: str, data_dir: str | None, splits: tuple[str, str] = ('train', 'test'),

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,8 @@ import optax
 
 from gnet_jax import (augment, checkpoint, config as config_lib, finetune, inception_v1,
                       input_pipeline, metrics as metrics_lib, parallel, preemption,
-                      state as state_lib, workdir as workdir_lib, xla_flags)
-from gnet_jax.errors import ConfigError, NonFiniteLossError
+                      state as state_lib, stream, workdir as workdir_lib, xla_flags)
+from gnet_jax.errors import ConfigError, DatasetError, NonFiniteLossError
 from gnet_jax.state import TrainState
 
 # A data set spec's per-channel (mean, std), or None for images in [0, 1].
@@ -137,9 +138,15 @@ def evaluate(runner: parallel.Runner, eval_fn: Callable, variables: Any, images:
   ``python -m gnet_jax.evaluate`` on a checkpoint. ``variables`` as ``eval_step``
   takes them, placed by ``runner``.
   """
+  return evaluate_batches(runner, eval_fn, variables, input_pipeline.eval_batches(
+      images, labels, batch_size, jax.process_index(), jax.process_count()))
+
+
+def evaluate_batches(runner: parallel.Runner, eval_fn: Callable, variables: Any,
+                     batches: Iterable[dict[str, np.ndarray]]) -> dict[str, Any]:
+  """``evaluate`` over given batches (with ``mask``): the memory path's or a stream's."""
   totals = None
-  for batch in input_pipeline.eval_batches(images, labels, batch_size, jax.process_index(),
-                                           jax.process_count()):
+  for batch in batches:
     sums = eval_fn(variables, runner.put_batch(batch))  # no per-batch host sync
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
@@ -194,10 +201,7 @@ def load_data(config: ml_collections.ConfigDict, train_examples: int | None = No
       splits=(config.train_split, config.test_split), image_size=config.image_size,
       progress=config.progress and sys.stderr.isatty() and jax.process_index() == 0)
   if config.normalize and config.normalize_stats == 'imagenet':
-    if data.spec.image_shape[-1] != 3:
-      raise ConfigError(f'--config.normalize_stats=imagenet needs RGB images; {data.spec.name} '
-                        f'images have {data.spec.image_shape[-1]} channel(s): use training_set')
-    stats = (inception_v1.IMAGENET_MEAN, inception_v1.IMAGENET_STD)
+    stats = imagenet_stats(data.spec)
     data = dataclasses.replace(data, spec=dataclasses.replace(data.spec, normalization=stats))
   elif config.normalize and len(data.train_images):
     stats = input_pipeline.channel_stats(data.train_images)
@@ -205,13 +209,32 @@ def load_data(config: ml_collections.ConfigDict, train_examples: int | None = No
   return data
 
 
-def _load_data(config: ml_collections.ConfigDict) -> tuple[input_pipeline.Dataset, int]:
-  data = load_data(config)
-  steps = input_pipeline.steps_per_epoch(len(data.train_labels), config.batch_size)
+def _load_data(config: ml_collections.ConfigDict, kind: str = 'memory'
+               ) -> tuple[input_pipeline.Dataset | stream.StreamData, int]:
+  """The data (in memory, or ``stream.StreamData`` for ``kind='stream'``) and steps per epoch."""
+  if kind == 'stream':
+    data = stream.load(config)
+    stream.check_readable(data)
+    if config.normalize and config.normalize_stats == 'imagenet':
+      data = dataclasses.replace(data, spec=dataclasses.replace(
+          data.spec, normalization=imagenet_stats(data.spec)))
+    count = len(data.train)
+  else:
+    data = load_data(config)
+    count = len(data.train_labels)
+  steps = input_pipeline.steps_per_epoch(count, config.batch_size)
   if steps == 0:
     raise ConfigError(f'--config.batch_size={config.batch_size} is larger than the training set '
-                      f'({len(data.train_labels)} examples); lower --config.batch_size')
+                      f'({count} examples); lower --config.batch_size')
   return data, steps
+
+
+def imagenet_stats(spec: input_pipeline.DatasetSpec) -> tuple:
+  """ImageNet's channel statistics, for RGB data only (``ConfigError`` otherwise)."""
+  if spec.image_shape[-1] != 3:
+    raise ConfigError(f'--config.normalize_stats=imagenet needs RGB images; {spec.name} '
+                      f'images have {spec.image_shape[-1]} channel(s): use training_set')
+  return (inception_v1.IMAGENET_MEAN, inception_v1.IMAGENET_STD)
 
 
 def _check_same_data(workdir: Path, step: int, spec: input_pipeline.DatasetSpec
@@ -254,21 +277,24 @@ def _restore_or_init(workdir: Path, init: TrainState, config: ml_collections.Con
 
 
 def make_train_step(runner: parallel.Runner, model: Any, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict, spec: input_pipeline.DatasetSpec
-                    ) -> Callable:
+                    config: ml_collections.ConfigDict, spec: input_pipeline.DatasetSpec,
+                    host_augment: bool = False) -> Callable:
   """``train_step`` with the config's settings, placed by ``runner``: the step a run takes
-  (``benchmarks/replay.py`` replays a run's steps with it)."""
+  (``benchmarks/replay.py`` replays a run's steps with it). ``host_augment``: the
+  batches come augmented (a stream's workers did it), so the step does not."""
   return runner.train_step(train_step, model=model, tx=tx, image_size=config.image_size,
                            aux_weight=float(config.aux_weight),
-                           normalization=spec.normalization, augment_crop=config.augment_crop,
-                           augment_flip=config.augment_flip,
+                           normalization=spec.normalization,
+                           augment_crop='none' if host_augment else config.augment_crop,
+                           augment_flip=config.augment_flip and not host_augment,
                            augment_padding=config.augment_padding)
 
 
-def _compile_train_step(runner, model, tx, config, spec, state, first_batch) -> Callable:
+def _compile_train_step(runner, model, tx, config, spec, state, first_batch,
+                        host_augment: bool = False) -> Callable:
   """AOT-compiled train step, so the first epoch's examples/sec excludes compilation."""
   t0 = time.perf_counter()
-  step_fn = make_train_step(runner, model, tx, config, spec)
+  step_fn = make_train_step(runner, model, tx, config, spec, host_augment)
   compiled = step_fn.lower(state, runner.put_batch(first_batch)).compile()
   if jax.process_index() == 0:
     since_start = xla_flags.seconds_since_process_start()
@@ -280,13 +306,16 @@ def _compile_train_step(runner, model, tx, config, spec, state, first_batch) -> 
 
 def _save(manager, workdir: Path, step: int, state: TrainState, runner: parallel.Runner,
           config: ml_collections.ConfigDict, spec: input_pipeline.DatasetSpec,
-          damaged: list[int], steps_per_epoch: int) -> None:
-  """NaN guard, then an async checkpoint of ``step`` (a damaged one at that step moved aside)."""
+          damaged: list[int], steps_per_epoch: int, data_iterator: Any = None) -> None:
+  """NaN guard, then an async checkpoint of ``step`` (a damaged one at that step moved aside).
+
+  ``data_iterator``: a streaming run's, whose position is saved with the state.
+  """
   check_finite(runner.to_host({'nonfinite_step': state.metrics['nonfinite_step']}), manager,
                steps_per_epoch)
   if step in damaged and step in manager.all_steps():
     checkpoint.quarantine(manager, workdir, step)
-  checkpoint.save(manager, step, runner.to_host(state), config, spec.to_json())
+  checkpoint.save(manager, step, runner.to_host(state), config, spec.to_json(), data_iterator)
 
 
 def _initial_state(config: ml_collections.ConfigDict, spec: input_pipeline.DatasetSpec,
@@ -317,7 +346,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   config_lib.validate(config)
   xla_flags.enable_compilation_cache(config.compilation_cache)
   runner = parallel.make_runner(config)
-  data, steps_per_epoch = _load_data(config)  # first: the model's classes come from the data
+  kind, why = stream.choose_input(config, stream.saved_stream(workdir))
+  if config.input == 'auto' and kind == 'stream' and jax.process_index() == 0:
+    print(f'input: stream ({why})', flush=True)
+  # first: the model's classes come from the data
+  data, steps_per_epoch = _load_data(config, kind)
   spec = data.spec
   model = model or state_lib.create_model(config, spec)
   tx = state_lib.create_optimizer(config, steps_per_epoch)
@@ -326,7 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   parallel.check_shared_workdir(workdir)
   # From here on this run alone writes to the workdir: a second run is refused here,
   # having written nothing into it, and a dead run's lock is gone with its process.
-  with workdir_lib.hold(workdir):
+  with workdir_lib.hold(workdir), contextlib.ExitStack() as cleanup:
     host_state, start_step, damaged, restored = _restore_or_init(workdir, init, config)
     if restored:
       spec = _check_same_data(workdir, start_step, spec)
@@ -339,20 +372,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     log.start(data.source, runner.describe(config.batch_size), restored)
 
     state = runner.put_state(host_state)
-    batches = lambda epoch, position: input_pipeline.train_batches(  # noqa: E731
-        data.train_images, data.train_labels, config.batch_size, config.seed, epoch, position,
-        jax.process_index(), jax.process_count())
-    compiled_step = _compile_train_step(runner, model, tx, config, spec, state,
-                                        next(batches(0, 0)))
+    data_iterator = None
+    if kind == 'stream':
+      data = dataclasses.replace(data, spec=spec)  # the checkpoint's normalisation
+      # One Grain iterator over every epoch's batches; only Grain reads ahead, so its
+      # state is the position of the last batch consumed, saved with each checkpoint.
+      data_iterator = stream.iterate(stream.train_dataset(
+          data, config.batch_size, config.seed, config.num_epochs, jax.process_index(),
+          jax.process_count(), stream.Augment.from_config(config)), config.data_workers)
+      cleanup.callback(stream.close, data_iterator)
+      batches = lambda epoch, position: itertools.islice(  # noqa: E731
+          data_iterator, steps_per_epoch - position)
+      first_batch = _empty_batch(config.batch_size // jax.process_count(), spec.image_shape)
+    else:
+      batches = lambda epoch, position: input_pipeline.train_batches(  # noqa: E731
+          data.train_images, data.train_labels, config.batch_size, config.seed, epoch, position,
+          jax.process_index(), jax.process_count())
+      first_batch = next(batches(0, 0))
+    compiled_step = _compile_train_step(runner, model, tx, config, spec, state, first_batch,
+                                        host_augment=kind == 'stream')
     eval_fn = compile_eval(runner, model, config.image_size, spec)
     xla_flags.return_freed_memory()  # the compiler's scratch memory: 0.5 GiB less peak RSS
     manager = checkpoint.open_manager(workdir, config.max_checkpoints, keep_steps=damaged)
+    if data_iterator is not None and restored:
+      stream.restore_position(manager, start_step, data_iterator, jax.process_index(),
+                              jax.process_count())
     save = lambda step, state: _save(manager, workdir, step, state, runner, config,  # noqa: E731
-                                     spec, damaged, steps_per_epoch)
+                                     spec, damaged, steps_per_epoch, data_iterator)
+    test_batches = lambda: (  # noqa: E731
+        stream.eval_batches(data, eval_batch_size(config, runner.num_devices),
+                            config.data_workers, jax.process_index(), jax.process_count())
+        if kind == 'stream' else input_pipeline.eval_batches(
+            data.test_images, data.test_labels, eval_batch_size(config, runner.num_devices),
+            jax.process_index(), jax.process_count()))
     profiler = metrics_lib.Profiler(workdir, config.profile_steps, start_step)
     step, summary = start_step, log.last_epoch()
     with contextlib.closing(log), contextlib.closing(manager), profiler, preemption.StopRequest(
-        manager, multi_host=jax.process_count() > 1) as stop:
+        manager, multi_host=jax.process_count() > 1) as stop, _damaged_files(
+            kind, manager, workdir, lambda: step):
       for epoch in range(start_step // steps_per_epoch, config.num_epochs):
         position = step - epoch * steps_per_epoch
         log.start_epoch(epoch, position, runner.to_host(state.metrics))
@@ -372,11 +429,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
               raise stop.interrupted(step, steps_per_epoch)
         sums = runner.to_host(state.metrics)  # the epoch's one full host read
         check_finite(sums, manager, steps_per_epoch)
-        test = evaluate(runner, eval_fn, state.variables, data.test_images, data.test_labels,
-                        eval_batch_size(config, runner.num_devices))
+        test = evaluate_batches(runner, eval_fn, state.variables, test_batches())
         summary = log.end_epoch(epoch, step, sums, test)
         state = state.replace(metrics=runner.put_state(state_lib.zero_metrics()))
         save(step, state)
         if stop.requested(step):
           raise stop.interrupted(step, steps_per_epoch)
     return summary
+
+
+def _empty_batch(local_batch: int, image_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+  """A batch of this process's shape, to compile the step without reading the stream."""
+  return {'image': np.zeros((local_batch,) + tuple(image_shape), np.uint8),
+          'label': np.zeros((local_batch,), np.int32)}
+
+
+@contextlib.contextmanager
+def _damaged_files(kind: str, manager, workdir: Path, step: Callable[[], int]):
+  """A streaming run's unreadable file: the error says where the run stands and how to go on."""
+  try:
+    yield
+  except DatasetError as e:
+    if kind != 'stream':
+      raise
+    manager.wait_until_finished()
+    raise stream.damaged(e, step(), manager.latest_step(), workdir) from None

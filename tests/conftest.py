@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 SLOW_FILES = ('test_accelerator_report.py', 'test_notebook.py', 'test_cli.py',
               'test_multihost.py', 'test_benchmarks.py', 'test_interop.py',
               'test_transformations.py', 'test_workdir.py', 'test_inception_v1.py',
-              'test_imagenet.py', 'test_finetune.py', 'test_export.py')
+              'test_imagenet.py', 'test_finetune.py', 'test_export.py', 'test_stream.py')
 
 
 def pytest_collection_modifyitems(items):
