@@ -223,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--rounds', type=int, default=2)
   parser.add_argument('--memory-limit-mb', type=float, default=5.0)
   args = parser.parse_args(argv)
+  machine = harness.machine_info()
+  print('\n'.join(harness.machine_lines(machine)), flush=True)
   result = {'decode': run_decode, 'memory': run_memory, 'throughput': run_throughput}[args.part](
       args)
-  harness.write_json(args.json, {'machine': harness.machine_info(), 'args': vars(args),
+  harness.write_json(args.json, {'machine': machine, 'args': vars(args),
                                  **result})
   return 0
 
