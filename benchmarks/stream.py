@@ -116,9 +116,12 @@ def run_decode(args) -> dict:
 
 
 def train_command(folder: Path, workdir: Path, input_kind: str, args) -> list[str]:
+  """``train.py`` on ``folder``; ``input_kind``: 'memory', 'stream' or 'stream_cache'."""
   return [sys.executable, str(harness.REPO / 'train.py'), '--config',
           str(harness.REPO / 'configs' / 'image_folder.py'), f'--config.data_dir={folder}',
-          f'--config.input={input_kind}', f'--config.data_workers={args.workers}',
+          f'--config.input={input_kind.split("_")[0]}',
+          f'--config.stream_cache={input_kind == "stream_cache"}',
+          f'--config.data_workers={args.workers}',
           f'--config.image_size={args.image_size}', f'--config.batch_size={args.batch}',
           f'--config.num_epochs={args.epochs}', '--config.progress=False',
           '--config.log_every_steps=0', f'--workdir={workdir}']
@@ -183,23 +186,24 @@ def run_throughput(args) -> dict:
   folder = make_folder(args.out / f'throughput_{args.images}_{args.source_size}px',
                        {'train': args.images, 'test': args.images // 10},
                        (args.source_size, args.source_size))
-  rates = {'memory': [], 'stream': []}
+  rates = {'memory': [], 'stream': [], 'stream_cache': []}
   for _ in range(args.rounds):
-    for kind in rates:  # alternately, so a busy phase hits both
+    for kind in rates:  # alternately, so a busy phase hits each
       workdir = Path(tempfile.mkdtemp())
       run = run_sampled(train_command(folder, workdir, kind, args), {})
       if run['returncode']:
         sys.exit(f'the {kind} run failed:\n{run["output"][-3000:]}')
       rates[kind].append(last_epoch_rate(workdir))
-  ratios = [s / m for m, s in zip(rates['memory'], rates['stream'])]
+  ratios = {kind: [r / m for m, r in zip(rates['memory'], rates[kind])] for kind in rates}
   print(f'{args.images} training images, {args.image_size}x{args.image_size}, batch {args.batch}, '
         f'{args.epochs} epochs (the last one timed), {args.workers} worker(s), '
         f'{args.rounds} rounds')
+  names = {'memory': 'memory', 'stream': 'stream', 'stream_cache': 'stream, stream_cache=True'}
   print(harness.markdown_table(
-      ['input', 'training img/s (median, min-max)', 'stream / memory'],
-      [('memory', harness.fmt_range(harness.summary(rates['memory'])), '1'),
-       ('stream', harness.fmt_range(harness.summary(rates['stream'])),
-        f'{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})')]))
+      ['input', 'training img/s (median, min-max)', 'vs memory'],
+      [(names[kind], harness.fmt_range(harness.summary(rates[kind])),
+        f'{statistics.median(ratios[kind]):.2f} ({min(ratios[kind]):.2f}-'
+        f'{max(ratios[kind]):.2f})') for kind in rates]))
   return {'examples_per_sec': rates, 'ratio': ratios}
 
 

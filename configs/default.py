@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
   # when the decoded set would not fit in memory). See docs/streaming.md.
   config.input = 'auto'
   config.data_workers = 0  # stream: Grain worker processes decoding (0 = threads in this one)
+  # stream, image folders: decode each split once into a file of pixels (the decoded size, on
+  # disk beside the memory path's decode cache) and stream from it instead of the JPEGs.
+  config.stream_cache = False
   config.train_split = 'train'  # tensorflow-datasets split names (slices like 'train[:90%]' work)
   config.test_split = 'test'
   config.image_size = 96  # images are resized on device to image_size x image_size

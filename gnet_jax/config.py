@@ -68,6 +68,7 @@ RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     'data_dir': _str(),
     'input': _choice('auto', 'memory', 'stream'),
     'data_workers': _int(0, 256),
+    'stream_cache': _bool(),
     'train_split': _str(),
     'test_split': _str(),
     'image_size': _int(MIN_IMAGE_SIZE, 1024),
@@ -168,6 +169,7 @@ BEFORE_KEY_EXISTED: dict[str, Any] = {
     'normalize_stats': 'training_set',  # the training images' own statistics
     'input': 'memory',  # decoded into memory, the only input path
     'data_workers': 0,  # unused in memory
+    'stream_cache': False,  # no streaming
 }
 
 # Each model's blocks in forward order (``trainable`` names one: it and every later one

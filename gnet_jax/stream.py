@@ -188,6 +188,77 @@ def _decode_augmented(record: Any, rng: np.random.Generator, decode: Callable,
   return decode(record, augment=augment, rng=rng)
 
 
+def decode_pixels(record: tuple[np.ndarray, int], augment: Augment | None = None,
+                  rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+  """A ``PixelFile`` record (pixels already fitted): augmented as the device augments
+  in-memory images, a ``resized`` crop cut from the fitted pixels."""
+  pixels, label = record
+  if augment is not None and augment.active:
+    if augment.crop == 'resized':
+      h, w = pixels.shape[:2]
+      pixels = resized_crop(_to_image(pixels), (w, h), rng).reshape(pixels.shape)
+    pixels = augment_pixels(pixels, augment, rng)
+  return {'image': pixels, 'label': np.int32(label)}
+
+
+class PixelFile:
+  """A split's fitted pixels in one ``.npy`` file on disk, read an example at a time.
+
+  ``np.load(mmap_mode='r')`` maps the file: the page cache holds what is read,
+  the process holds nothing. Pickled (for Grain's workers) as its path and
+  labels; each process maps the file itself.
+  """
+
+  def __init__(self, path: str | os.PathLike, labels: np.ndarray):
+    self.path, self.labels, self._pixels = str(path), np.asarray(labels, np.int32), None
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    if self._pixels is None:
+      self._pixels = np.load(self.path, mmap_mode='r')
+    return np.array(self._pixels[index]), int(self.labels[index])
+
+  def __getstate__(self) -> dict:
+    return {'path': self.path, 'labels': self.labels}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__init__(state['path'], state['labels'])
+
+
+def cached_split(files: tuple[tuple[Path, int], ...], image_size: int, path: Path,
+                 progress: bool = False) -> PixelFile:
+  """``files`` decoded and fitted once into ``path`` (a ``.npy`` of uint8 [N, S, S, 3]).
+
+  Written a row at a time through a memory map (memory bounded whatever the
+  split's size) to a temporary name, then renamed: an interrupted build leaves
+  no file that looks complete. A damaged image stops it, naming the file.
+  """
+  labels = np.array([label for _, label in files], np.int32)
+  if path.is_file():
+    return PixelFile(path, labels)
+  import tqdm
+
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.with_name(f'{path.stem}.{os.getpid()}.partial.npy')
+  try:
+    rows = np.lib.format.open_memmap(partial, 'w+', np.uint8,
+                                     (len(files), image_size, image_size, 3))
+    # Pillow releases the GIL while it decodes, so threads use every core.
+    with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+      decoded = pool.map(lambda f: image_folder.load_rgb(f[0], image_size), files)
+      for i, pixels in enumerate(tqdm.tqdm(decoded, total=len(files), disable=not progress,
+                                           desc=f'decoding {path.name}', leave=False)):
+        rows[i] = pixels
+    rows.flush()
+    del rows
+    os.replace(partial, path)
+  finally:
+    partial.unlink(missing_ok=True)
+  return PixelFile(path, labels)
+
+
 class Head:
   """The first ``count`` records of a random-access source (``train_examples``/``eval_examples``).
 
@@ -211,10 +282,19 @@ def _folder(config) -> StreamData:
   records = {split: [(str(path), label) for path, label in listing.files[split]]
              for split in image_folder.SPLITS}
   shape = (config.image_size, config.image_size, 3)
+  spec = input_pipeline.DatasetSpec('image_folder', shape, listing.class_names)
   ignored = f'; {listing.ignored} non-image files ignored' if listing.ignored else ''
+  if config.stream_cache:
+    folder = image_folder.default_cache_dir()
+    key = image_folder.cache_key(listing, config.image_size)
+    train, test = (cached_split(listing.files[split], config.image_size,
+                                folder / f'{key}-{split}.npy', progress=config.progress)
+                   for split in image_folder.SPLITS)
+    return StreamData(train, test, decode_pixels, spec,
+                      f'image folder {config.data_dir} (streamed from pixels decoded once into '
+                      f'{folder}{ignored})')
   return StreamData(records['train'], records['test'],
-                    functools.partial(decode_file, image_size=config.image_size),
-                    input_pipeline.DatasetSpec('image_folder', shape, listing.class_names),
+                    functools.partial(decode_file, image_size=config.image_size), spec,
                     f'image folder {config.data_dir} (streamed{ignored})')
 
 
@@ -273,6 +353,9 @@ def load(config) -> StreamData:
     raise ConfigError(f'--config.input=stream reads image folders and tensorflow-datasets sets; '
                       f'{config.dataset} from IDX files fits in memory: use --config.input=memory '
                       '(or auto), or --config.data_source=tfds')
+  elif config.stream_cache:
+    raise ConfigError('--config.stream_cache decodes image folders once; tensorflow-datasets '
+                      'sets stream from their own ArrayRecord files: leave it False')
   else:
     data = _tfds(config)
   data = dataclasses.replace(data, train=Head(data.train, config.train_examples),

@@ -10,6 +10,7 @@ epoch, the memory path's layout across processes, evaluation padded and masked.
 
 import functools
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 from conftest import REPO, TinyNet
 from configs import image_folder as image_folder_config
 from gnet_jax import checkpoint, cli, input_pipeline, parallel, state as state_lib, stream, train
-from gnet_jax.errors import CheckpointError, ConfigError
+from gnet_jax.errors import CheckpointError, ConfigError, DatasetError
 from image_folders import make_folder
 
 TIMING_KEYS = ('examples_per_sec', 'seconds')
@@ -293,6 +294,44 @@ def test_a_damaged_image_stops_with_one_line_and_the_run_continues_once_fixed(fo
   damaged.write_bytes(good)
   assert run(config, workdir) == 0
   assert [row['epoch'] for row in history(workdir)] == [1, 2]
+
+
+def test_stream_cache_streams_the_same_batches_from_pixels_decoded_once(folder, tmp_path,
+                                                                         monkeypatch):
+  """``stream_cache``: each split decoded once into a file, then the same training batches
+  (pad-crop and flip on the host), evaluation batches and statistics as from the JPEGs."""
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  config = stream_config(folder, stream_cache=True)
+  augment = stream.Augment.from_config(config)
+  assert augment.active and augment.crop == 'pad'
+  files, cached = stream.load(stream_config(folder)), stream.load(config)
+  written = sorted(p.name for p in (tmp_path / 'cache').rglob('*') if p.is_file())
+  assert len(written) == 2 and written[0].endswith('-test.npy')  # no partial file left
+  assert cached.spec == files.spec  # the classes, and the sampled statistics
+  for make in (lambda d: stream.train_dataset(d, 8, seed=2, num_epochs=2, augment=augment),
+               lambda d: stream.eval_dataset(d, 8)):
+    want, got = make(files), make(cached)
+    assert len(got) == len(want) > 1
+    for k in range(len(want)):
+      chex.assert_trees_all_equal(got[k], want[k])
+  # Read again, the files are used as they are: nothing is decoded.
+  monkeypatch.setattr(stream.image_folder, 'load_rgb', lambda *a: pytest.fail('decoded again'))
+  again = stream.load(config)
+  chex.assert_trees_all_equal(again.decode(again.train[3]), cached.decode(cached.train[3]))
+
+
+def test_a_damaged_image_stops_the_stream_cache_naming_it_and_leaves_no_file(folder, tmp_path,
+                                                                             monkeypatch):
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  data_dir = tmp_path / 'shapes'
+  shutil.copytree(folder, data_dir)
+  damaged = data_dir / 'test' / 'square' / 'square_0.png'
+  damaged.write_bytes(damaged.read_bytes()[:30])
+  with pytest.raises(DatasetError, match=re.escape(f'{damaged}: not an image Pillow can read')):
+    stream.load(stream_config(data_dir, stream_cache=True))
+  assert not [p for p in (tmp_path / 'cache').rglob('*') if p.is_file() and 'test' in p.name]
+  with pytest.raises(ConfigError, match='stream_cache decodes image folders once'):
+    stream.load(stream_config(data_dir, dataset='mnist', data_source='tfds', stream_cache=True))
 
 
 # ----------------------------------------------------------------------------- choices
