@@ -218,7 +218,7 @@ def _command(*args, cwd=REPO):
 def test_train_py_learns_a_folder_and_predict_names_the_class(folder, tmp_path):
   workdir = tmp_path / 'run'
   trained = _command('train.py', '--config', 'configs/image_folder.py', '--workdir', str(workdir),
-                     f'--config.data_dir={folder}', '--config.image_size=32',
+                     f'--config.data_dir={folder}', '--config.image_size=16',
                      '--config.batch_size=8', '--config.num_epochs=10')
   assert trained.returncode == 0, trained.stderr[-3000:]
   assert f'data: image folder {folder} (decoded; 2 non-image files ignored)' in trained.stdout
