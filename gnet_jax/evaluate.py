@@ -34,9 +34,7 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None,
   step only returns sums, so these come from a separate jitted forward pass
   (``predict.make_predict_fn``, the one ``python -m gnet_jax.predict`` uses).
   """
-  import ml_collections
-
-  from gnet_jax import input_pipeline, parallel, state as state_lib, stream, train
+  from gnet_jax import input_pipeline, state as state_lib, stream, train
 
   config, spec = state_lib.read_run(workdir, step)
   # A run that streamed (its checkpoint has a stream position) is evaluated streaming.
@@ -47,17 +45,8 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None,
                                      train_examples=0, eval_examples=-1,
                                      splits=(config.train_split, config.test_split),
                                      image_size=config.image_size)
-  # Other classes (a changed image folder) would be mislabelled without a word: refused, as
-  # a resume refuses them, before anything is restored or compiled.
-  input_pipeline.check_same_data(
-      spec, data.spec, f'the checkpoint in {Path(workdir).absolute() / "checkpoints"}',
-      'evaluate it on the data it was trained on (the same class folders and --config.image_size),'
-      ' or train a run on this data')
-  state, config, step, spec = state_lib.load_checkpoint(workdir, step)
-  runner = parallel.make_runner(ml_collections.ConfigDict(
-      {'batch_size': config.batch_size, 'parallelism': 'none', 'num_devices': 0}))
-  model = state_lib.create_model(config, spec)
-  eval_fn = train.compile_eval(runner, model, config.image_size, spec)
+  state, config, step, spec, runner, model, eval_fn = _restore_for(workdir, step, spec,
+                                                                   data.spec)
   result = train.evaluate(runner, eval_fn, runner.put_state(state.variables), data.test_images,
                           data.test_labels, train.eval_batch_size(config, 1))
   images = data.test_images[:num_examples]
@@ -65,24 +54,38 @@ def evaluate_checkpoint(workdir: str | Path, step: int | None = None,
   return _with_examples(result, images, labels, model, state, config, step, spec)
 
 
-def _evaluate_streamed(workdir, step, num_examples, config, spec) -> dict:
-  """``evaluate_checkpoint`` for a run that streamed: the test split read with Grain."""
+def _restore_for(workdir, step, spec, data_spec):
+  """The checkpoint, restored and compiled for evaluation, once ``data_spec`` (the data read
+  now) is known to be the data it was trained on: other classes would be mislabelled
+  without a word, so they are refused (as a resume refuses them) before anything is
+  restored or compiled."""
   import ml_collections
 
-  from gnet_jax import input_pipeline, parallel, state as state_lib, stream, train
+  from gnet_jax import input_pipeline, parallel, state as state_lib, train
 
-  quick = ml_collections.ConfigDict(config.to_dict())
-  quick.normalize, quick.train_examples, quick.eval_examples = False, 0, -1  # the saved spec's
-  data = stream.load(quick)
   input_pipeline.check_same_data(
-      spec, data.spec, f'the checkpoint in {Path(workdir).absolute() / "checkpoints"}',
+      spec, data_spec, f'the checkpoint in {Path(workdir).absolute() / "checkpoints"}',
       'evaluate it on the data it was trained on (the same class folders and --config.image_size),'
       ' or train a run on this data')
   state, config, step, spec = state_lib.load_checkpoint(workdir, step)
   runner = parallel.make_runner(ml_collections.ConfigDict(
       {'batch_size': config.batch_size, 'parallelism': 'none', 'num_devices': 0}))
   model = state_lib.create_model(config, spec)
-  eval_fn = train.compile_eval(runner, model, config.image_size, spec)
+  return state, config, step, spec, runner, model, train.compile_eval(
+      runner, model, config.image_size, spec)
+
+
+def _evaluate_streamed(workdir, step, num_examples, config, spec) -> dict:
+  """``evaluate_checkpoint`` for a run that streamed: the test split read with Grain."""
+  import ml_collections
+
+  from gnet_jax import stream, train
+
+  quick = ml_collections.ConfigDict(config.to_dict())
+  quick.normalize, quick.train_examples, quick.eval_examples = False, 0, -1  # the saved spec's
+  data = stream.load(quick)
+  state, config, step, spec, runner, model, eval_fn = _restore_for(workdir, step, spec,
+                                                                   data.spec)
   result = train.evaluate_batches(runner, eval_fn, runner.put_state(state.variables),
                                   stream.eval_batches(data, train.eval_batch_size(config, 1),
                                                       config.data_workers))

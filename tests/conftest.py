@@ -15,6 +15,9 @@ _CACHE = os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                                os.path.join(tempfile.gettempdir(), 'gnet_jax_test_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+# Image folders' decode caches (~/.cache/gnet_jax/image_folder) in a folder of this run's own,
+# for its subprocesses too: the user's cache is left alone.
+os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='gnet_jax_test_cache_home_')
 
 import gzip  # noqa: E402
 from pathlib import Path  # noqa: E402

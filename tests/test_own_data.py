@@ -210,16 +210,20 @@ def test_a_set_without_class_labels_is_named():
 # ----------------------------------------------------------------------------- train.py end to end
 
 
-def _command(*args, cwd=REPO):
+def _command(*args, cwd=REPO, cache_home=None):
+  """``python ARGS``; with ``cache_home``, a decode cache of its own (XDG_CACHE_HOME), not the
+  one this module's in-process runs fill."""
+  env = {**os.environ, 'XDG_CACHE_HOME': str(cache_home)} if cache_home else None
   return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
-                        timeout=900)
+                        timeout=900, env=env)
 
 
 def test_train_py_learns_a_folder_and_predict_names_the_class(folder, tmp_path):
   workdir = tmp_path / 'run'
   trained = _command('train.py', '--config', 'configs/image_folder.py', '--workdir', str(workdir),
                      f'--config.data_dir={folder}', '--config.image_size=16',
-                     '--config.batch_size=8', '--config.num_epochs=10')
+                     '--config.batch_size=8', '--config.num_epochs=10',
+                     cache_home=tmp_path / 'cache')
   assert trained.returncode == 0, trained.stderr[-3000:]
   assert f'data: image folder {folder} (decoded; 2 non-image files ignored)' in trained.stdout
   last = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[-1])
