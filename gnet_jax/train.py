@@ -333,6 +333,44 @@ def _initial_state(config: ml_collections.ConfigDict, spec: input_pipeline.Datas
   return initialised.state, initialised
 
 
+def _choose_input(config: ml_collections.ConfigDict, workdir: str | Path) -> str:
+  """'memory' or 'stream' (``stream.choose_input``); an ``auto`` run that streams says why."""
+  kind, why = stream.choose_input(config, stream.saved_stream(workdir))
+  if config.input == 'auto' and kind == 'stream' and jax.process_index() == 0:
+    print(f'input: stream ({why})', flush=True)
+  return kind
+
+
+def _batch_sources(kind: str, data: Any, spec: input_pipeline.DatasetSpec,
+                   config: ml_collections.ConfigDict, steps_per_epoch: int, num_devices: int,
+                   cleanup: contextlib.ExitStack) -> tuple[Callable, Callable, dict, Any]:
+  """This process's training batches (``batches(epoch, position)``), a fresh pass over the
+  test split (``test_batches()``), a batch to compile with, and the Grain iterator whose
+  position a checkpoint saves (None in memory)."""
+  index, count = jax.process_index(), jax.process_count()
+  test_size = eval_batch_size(config, num_devices)
+  if kind != 'stream':
+    batches = lambda epoch, position: input_pipeline.train_batches(  # noqa: E731
+        data.train_images, data.train_labels, config.batch_size, config.seed, epoch, position,
+        index, count)
+    test_batches = lambda: input_pipeline.eval_batches(  # noqa: E731
+        data.test_images, data.test_labels, test_size, index, count)
+    return batches, test_batches, next(batches(0, 0)), None
+  data = dataclasses.replace(data, spec=spec)  # the checkpoint's normalisation
+  # One Grain iterator over every epoch's batches; only Grain reads ahead, so its state is
+  # the position of the last batch consumed, saved with each checkpoint.
+  data_iterator = stream.iterate(stream.train_dataset(
+      data, config.batch_size, config.seed, config.num_epochs, index, count,
+      stream.Augment.from_config(config)), config.data_workers)
+  cleanup.callback(stream.close, data_iterator)
+  batches = lambda epoch, position: itertools.islice(  # noqa: E731
+      data_iterator, steps_per_epoch - position)
+  test_batches = lambda: stream.eval_batches(data, test_size, config.data_workers,  # noqa: E731
+                                             index, count)
+  return (batches, test_batches, _empty_batch(config.batch_size // count, spec.image_shape),
+          data_iterator)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
                        model: Any = None, after_step: AfterStep | None = None) -> dict:
   """Trains ``config`` for ``num_epochs``, writing metrics, curves and checkpoints to ``workdir``.
@@ -346,11 +384,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   config_lib.validate(config)
   xla_flags.enable_compilation_cache(config.compilation_cache)
   runner = parallel.make_runner(config)
-  kind, why = stream.choose_input(config, stream.saved_stream(workdir))
-  if config.input == 'auto' and kind == 'stream' and jax.process_index() == 0:
-    print(f'input: stream ({why})', flush=True)
-  # first: the model's classes come from the data
-  data, steps_per_epoch = _load_data(config, kind)
+  kind = _choose_input(config, workdir)
+  data, steps_per_epoch = _load_data(config, kind)  # first: the model's classes come from it
   spec = data.spec
   model = model or state_lib.create_model(config, spec)
   tx = state_lib.create_optimizer(config, steps_per_epoch)
@@ -372,23 +407,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     log.start(data.source, runner.describe(config.batch_size), restored)
 
     state = runner.put_state(host_state)
-    data_iterator = None
-    if kind == 'stream':
-      data = dataclasses.replace(data, spec=spec)  # the checkpoint's normalisation
-      # One Grain iterator over every epoch's batches; only Grain reads ahead, so its
-      # state is the position of the last batch consumed, saved with each checkpoint.
-      data_iterator = stream.iterate(stream.train_dataset(
-          data, config.batch_size, config.seed, config.num_epochs, jax.process_index(),
-          jax.process_count(), stream.Augment.from_config(config)), config.data_workers)
-      cleanup.callback(stream.close, data_iterator)
-      batches = lambda epoch, position: itertools.islice(  # noqa: E731
-          data_iterator, steps_per_epoch - position)
-      first_batch = _empty_batch(config.batch_size // jax.process_count(), spec.image_shape)
-    else:
-      batches = lambda epoch, position: input_pipeline.train_batches(  # noqa: E731
-          data.train_images, data.train_labels, config.batch_size, config.seed, epoch, position,
-          jax.process_index(), jax.process_count())
-      first_batch = next(batches(0, 0))
+    batches, test_batches, first_batch, data_iterator = _batch_sources(
+        kind, data, spec, config, steps_per_epoch, runner.num_devices, cleanup)
     compiled_step = _compile_train_step(runner, model, tx, config, spec, state, first_batch,
                                         host_augment=kind == 'stream')
     eval_fn = compile_eval(runner, model, config.image_size, spec)
@@ -399,12 +419,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                               jax.process_count())
     save = lambda step, state: _save(manager, workdir, step, state, runner, config,  # noqa: E731
                                      spec, damaged, steps_per_epoch, data_iterator)
-    test_batches = lambda: (  # noqa: E731
-        stream.eval_batches(data, eval_batch_size(config, runner.num_devices),
-                            config.data_workers, jax.process_index(), jax.process_count())
-        if kind == 'stream' else input_pipeline.eval_batches(
-            data.test_images, data.test_labels, eval_batch_size(config, runner.num_devices),
-            jax.process_index(), jax.process_count()))
     profiler = metrics_lib.Profiler(workdir, config.profile_steps, start_step)
     step, summary = start_step, log.last_epoch()
     with contextlib.closing(log), contextlib.closing(manager), profiler, preemption.StopRequest(
