@@ -100,11 +100,15 @@ def fit_square(image, image_size: int):
   return ImageOps.fit(image, (image_size, image_size), method=Image.Resampling.BILINEAR)
 
 
+def to_image(pixels: np.ndarray):
+  """uint8 HWC pixels (1 or 3 channels) as a Pillow image."""
+  from PIL import Image
+  return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+
+
 def fit_array(pixels: np.ndarray, image_size: int) -> np.ndarray:
   """uint8 HWC pixels of any size fitted to an ``image_size`` square (``fit_square``)."""
-  from PIL import Image
-  image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-  fitted = fit_square(image, image_size)
+  fitted = fit_square(to_image(pixels), image_size)
   return np.asarray(fitted, np.uint8).reshape(image_size, image_size, pixels.shape[-1])
 
 
@@ -222,17 +226,24 @@ def default_cache_dir() -> Path:
   return Path(base) / 'gnet_jax' / 'image_folder'
 
 
-def _decode_split(files: tuple[tuple[Path, int], ...], image_size: int, desc: str,
-                  progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def decode_into(rows: np.ndarray, files: tuple[tuple[Path, int], ...], desc: str,
+                progress: bool) -> None:
+  """``files`` decoded and fitted (``load_rgb``) into ``rows`` (uint8 [N, S, S, 3]: an array,
+  or a memory map on disk), in order."""
   import tqdm
 
-  images = np.zeros((len(files), image_size, image_size, 3), np.uint8)
   # Pillow releases the GIL while it decodes, so threads use every core.
   with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-    decoded = pool.map(lambda f: load_rgb(f[0], image_size), files)
+    decoded = pool.map(lambda f: load_rgb(f[0], rows.shape[1]), files)
     for i, pixels in enumerate(tqdm.tqdm(decoded, total=len(files), desc=desc, unit='img',
                                          disable=not progress, leave=False)):
-      images[i] = pixels
+      rows[i] = pixels
+
+
+def _decode_split(files: tuple[tuple[Path, int], ...], image_size: int, desc: str,
+                  progress: bool) -> tuple[np.ndarray, np.ndarray]:
+  images = np.zeros((len(files), image_size, image_size, 3), np.uint8)
+  decode_into(images, files, desc, progress)
   return images, np.asarray([label for _, label in files], np.int32)
 
 

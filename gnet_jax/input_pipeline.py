@@ -305,11 +305,6 @@ def check_fits_in_memory(what: str, num_images: int, shape: tuple[int, int, int]
         '--config.image_size, or stream it from disk: --config.input=stream')
 
 
-def _fit_array(pixels: np.ndarray, image_size: int) -> np.ndarray:
-  from gnet_jax import image_folder
-  return image_folder.fit_array(pixels, image_size)
-
-
 def load_tfds(dataset: str, data_dir: str | None, splits: tuple[str, str] = ('train', 'test'),
               image_size: int | None = None, progress: bool = False) -> Dataset:
   """Any tensorflow-datasets image classification set, both splits in memory as uint8.
@@ -319,6 +314,8 @@ def load_tfds(dataset: str, data_dir: str | None, splits: tuple[str, str] = ('tr
   centre crop, as ``image_folder``).
   """
   import tqdm
+
+  from gnet_jax import image_folder
 
   builder = _tfds_builder(dataset, data_dir)
   stored, class_names = _tfds_spec(dataset, builder)
@@ -341,7 +338,7 @@ def load_tfds(dataset: str, data_dir: str | None, splits: tuple[str, str] = ('tr
                          leave=False):
       record = source[i]
       pixels = np.asarray(record['image'], np.uint8).reshape(record['image'].shape[:2] + (-1,))
-      images[i] = pixels if fixed else _fit_array(pixels, image_size)
+      images[i] = pixels if fixed else image_folder.fit_array(pixels, image_size)
       labels[i] = int(record['label'])
     arrays += [images, labels]
   spec = SPECS.get(dataset) or DatasetSpec(dataset, shape, class_names)

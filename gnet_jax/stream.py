@@ -114,11 +114,6 @@ def resized_crop_box(width: int, height: int, rng: np.random.Generator
   return left, top, left + w, top + h
 
 
-def _to_image(pixels: np.ndarray):
-  from PIL import Image
-  return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-
-
 def resized_crop(image, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
   """A random box of the full-size Pillow ``image`` (``resized_crop_box``) resized to ``size``
   (width, height): cut before any resizing, so the crop keeps the source's detail."""
@@ -175,7 +170,8 @@ def decode_tfds(record: dict, image_size: int | None, fixed: bool,
   channels = pixels.shape[-1]
   if augment is not None and augment.active and augment.crop == 'resized':
     size = (pixels.shape[1], pixels.shape[0]) if fixed else (image_size, image_size)
-    pixels = resized_crop(_to_image(pixels), size, rng).reshape(size[::-1] + (channels,))
+    pixels = resized_crop(image_folder.to_image(pixels), size, rng).reshape(
+        size[::-1] + (channels,))
   elif not fixed:
     pixels = image_folder.fit_array(pixels, image_size)
   if augment is not None and augment.active:
@@ -191,14 +187,11 @@ def _decode_augmented(record: Any, rng: np.random.Generator, decode: Callable,
 def decode_pixels(record: tuple[np.ndarray, int], augment: Augment | None = None,
                   rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
   """A ``PixelFile`` record (pixels already fitted): augmented as the device augments
-  in-memory images, a ``resized`` crop cut from the fitted pixels."""
+  in-memory images, a ``resized`` crop cut from the fitted pixels: what ``decode_tfds``
+  does to a set of one stored size."""
   pixels, label = record
-  if augment is not None and augment.active:
-    if augment.crop == 'resized':
-      h, w = pixels.shape[:2]
-      pixels = resized_crop(_to_image(pixels), (w, h), rng).reshape(pixels.shape)
-    pixels = augment_pixels(pixels, augment, rng)
-  return {'image': pixels, 'label': np.int32(label)}
+  return decode_tfds({'image': pixels, 'label': label}, None, fixed=True, augment=augment,
+                     rng=rng)
 
 
 class PixelFile:
@@ -238,19 +231,12 @@ def cached_split(files: tuple[tuple[Path, int], ...], image_size: int, path: Pat
   labels = np.array([label for _, label in files], np.int32)
   if path.is_file():
     return PixelFile(path, labels)
-  import tqdm
-
   path.parent.mkdir(parents=True, exist_ok=True)
   partial = path.with_name(f'{path.stem}.{os.getpid()}.partial.npy')
   try:
     rows = np.lib.format.open_memmap(partial, 'w+', np.uint8,
                                      (len(files), image_size, image_size, 3))
-    # Pillow releases the GIL while it decodes, so threads use every core.
-    with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-      decoded = pool.map(lambda f: image_folder.load_rgb(f[0], image_size), files)
-      for i, pixels in enumerate(tqdm.tqdm(decoded, total=len(files), disable=not progress,
-                                           desc=f'decoding {path.name}', leave=False)):
-        rows[i] = pixels
+    image_folder.decode_into(rows, files, f'decoding {path.name}', progress)
     rows.flush()
     del rows
     os.replace(partial, path)
