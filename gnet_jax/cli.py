@@ -221,9 +221,11 @@ def run_command(fn: Callable[..., int], *args: Any, **kwargs: Any) -> int:
 
 def train(config, workdir: str, summary: bool = False) -> int:
   """``train.py``'s work: the shape table, or a training run."""
-  from gnet_jax import config as config_lib, input_pipeline, models, parallel, state, train as tr
+  from gnet_jax import config as config_lib
 
-  config_lib.validate(config)
+  config_lib.validate(config)  # before JAX is imported: a mistake is named at once
+  from gnet_jax import input_pipeline, models, parallel, state, train as tr
+
   if summary:
     spec = (input_pipeline.dataset_spec(config.dataset) if config.dataset in input_pipeline.SPECS
             else tr.load_data(config, train_examples=0).spec)  # classes from the data itself

@@ -69,6 +69,20 @@ def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: item.path.name not in SLOW_FILES)  # stable: order kept otherwise
 
 
+def user_env(**overrides: str) -> dict[str, str]:
+  """This environment with one CPU device, as a user's command has (not the tests' 8 virtual
+  ones: an image-folder run would otherwise shard a batch of 8 over 8 devices on 2 cores)."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  return {**os.environ, 'XLA_FLAGS': ' '.join(flags), **overrides}
+
+
+def run_python(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+  """``python ARGS`` in the repository as a user runs it (``user_env``), output captured."""
+  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout, env=user_env(**env))
+
+
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:
   """Writes ``array`` (uint8 images [N, H, W] or labels [N]) as an IDX file."""
   magic = 2051 if array.ndim == 3 else 2049

@@ -1,23 +1,16 @@
 """train.py as a user runs it: a tiny end-to-end run, --summary, and clear errors."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, pixels_of_color, read_png
+from conftest import pixels_of_color, read_png, run_python
 
 
 def run_train(*args, timeout=600):
   """Runs train.py as a user would: one CPU device (not the tests' 8 virtual ones)."""
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
-  env = {**os.environ, 'XLA_FLAGS': ' '.join(flags)}
-  return subprocess.run([sys.executable, 'train.py', *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=timeout, env=env)
+  return run_python('train.py', *args, timeout=timeout)
 
 
 def test_end_to_end_run_writes_the_workdir(idx_dir, tmp_path):

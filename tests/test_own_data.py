@@ -10,8 +10,6 @@ user does; a broken folder is refused with one error line.
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import chex
 import jax
@@ -19,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO, TinyNet
+from conftest import TinyNet, run_python
 from configs import default, image_folder as image_folder_config
 from gnet_jax import checkpoint, input_pipeline, preemption, state as state_lib, train
 from gnet_jax.errors import DatasetError
@@ -210,26 +208,19 @@ def test_a_set_without_class_labels_is_named():
 # ----------------------------------------------------------------------------- train.py end to end
 
 
-def _command(*args, cwd=REPO, cache_home=None):
-  """``python ARGS``; with ``cache_home``, a decode cache of its own (XDG_CACHE_HOME), not the
-  one this module's in-process runs fill."""
-  env = {**os.environ, 'XDG_CACHE_HOME': str(cache_home)} if cache_home else None
-  return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
-                        timeout=900, env=env)
-
-
 def test_train_py_learns_a_folder_and_predict_names_the_class(folder, tmp_path):
   workdir = tmp_path / 'run'
-  trained = _command('train.py', '--config', 'configs/image_folder.py', '--workdir', str(workdir),
-                     f'--config.data_dir={folder}', '--config.image_size=16',
-                     '--config.batch_size=8', '--config.num_epochs=10',
-                     cache_home=tmp_path / 'cache')
+  # A decode cache of its own (XDG_CACHE_HOME), not the one this module's in-process runs fill.
+  trained = run_python('train.py', '--config', 'configs/image_folder.py', '--workdir',
+                       str(workdir), f'--config.data_dir={folder}', '--config.image_size=16',
+                       '--config.batch_size=8', '--config.num_epochs=6',
+                       XDG_CACHE_HOME=str(tmp_path / 'cache'))
   assert trained.returncode == 0, trained.stderr[-3000:]
   assert f'data: image folder {folder} (decoded; 2 non-image files ignored)' in trained.stdout
   last = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[-1])
-  assert last['epoch'] == 10 and last['test_acc'] >= 0.9, trained.stdout
+  assert last['epoch'] == 6 and last['test_acc'] >= 0.9, trained.stdout
   image = folder / 'test' / 'cross' / 'cross_1.jpg'
-  predicted = _command('-m', 'gnet_jax.predict', '--workdir', str(workdir), '--json', str(image))
+  predicted = run_python('-m', 'gnet_jax.predict', '--workdir', str(workdir), '--json', str(image))
   assert predicted.returncode == 0, predicted.stderr[-3000:]
   top = json.loads(predicted.stdout)[0]['top']
   assert top[0]['name'] == 'cross' and [t['name'] for t in top] != ['cross'] * 3
@@ -239,7 +230,7 @@ def test_train_py_refuses_a_broken_folder_with_one_line(tmp_path):
   root = make_folder(tmp_path / 'broken', {'train': 2, 'test': 1})
   (root / 'test' / 'square').rename(root / 'test' / 'squares')
   workdir = tmp_path / 'run'
-  result = _command('train.py', '--config', 'configs/image_folder.py', '--workdir', str(workdir),
+  result = run_python('train.py', '--config', 'configs/image_folder.py', '--workdir', str(workdir),
                     f'--config.data_dir={root}')
   assert result.returncode == 2
   lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -1,9 +1,9 @@
 """One run owns a workdir: the lock itself, its release when the owner is killed, and train.py.
 
-The end-to-end tests run GoogLeNet through ``train.py`` as a user would. To
+The end-to-end test runs GoogLeNet through ``train.py`` as a user would. To
 be sure the second command meets a run that is still going, the first is
-paused with SIGSTOP (it keeps its lock) once it has saved a checkpoint, and
-resumed with SIGCONT afterwards.
+paused with SIGSTOP (it keeps its lock) once it has saved a checkpoint; it is
+then killed with SIGKILL and resumed by its own command.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_python, user_env
 from gnet_jax import state as state_lib, workdir as workdir_lib
 from gnet_jax.errors import WorkdirError
 from test_cli import run_train
@@ -187,13 +187,6 @@ def train_args(workdir: Path, idx_dir: Path) -> list[str]:
           '--config.progress=False']
 
 
-def user_env() -> dict[str, str]:
-  """As ``test_cli.run_train``: one CPU device, not the tests' 8 virtual ones."""
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
-  return {**os.environ, 'XLA_FLAGS': ' '.join(flags)}
-
-
 def start_train(args: list[str], log: Path) -> subprocess.Popen:
   """``train.py`` in the background, its output into ``log``.out and ``log``.err."""
   with open(f'{log}.out', 'w') as out, open(f'{log}.err', 'w') as err:
@@ -224,58 +217,41 @@ def finished_run_is_intact(workdir: Path) -> None:
   assert step == 12
 
 
-def test_second_run_is_refused_while_the_first_finishes(tmp_path, idx_dir):
+def test_a_second_run_is_refused_and_the_killed_first_resumes_with_the_same_command(
+    tmp_path, idx_dir):
+  """While the first run holds the workdir, a second is refused and evaluate still reads it;
+  once the first is killed with SIGKILL (no cleanup runs), its own command resumes it."""
   workdir, log = tmp_path / 'run', tmp_path / 'first'
-  first = start_train(train_args(workdir, idx_dir), log)
+  args = train_args(workdir, idx_dir)
+  first = start_train(args, log)
   try:
     saved = wait_for_checkpoint(first, workdir, log)
     first.send_signal(signal.SIGSTOP)  # mid-training, holding the lock, writing nothing
-    try:
-      before = snapshot(workdir)
-      second = run_train(*train_args(workdir, idx_dir))
-      assert snapshot(workdir) == before  # nothing written, the lock file untouched
-      assert second.returncode == 2, second.stderr[-3000:]
-      (line,) = second.stderr.strip().splitlines()
-      assert re.fullmatch(
-          rf'error: --workdir {re.escape(str(workdir))} is in use by pid {first.pid} on host '
-          rf'{re.escape(socket.gethostname())} since \S+ \(train.py --config '
-          r'configs/quickstart.py .*\); wait for that run to end or stop it, or choose another '
-          r'--workdir', line), line
-      assert second.stdout == ''
-      # evaluate takes no lock: it reads the newest checkpoint while the run trains.
-      evaluated = subprocess.run([sys.executable, '-m', 'gnet_jax.evaluate', '--workdir',
-                                  str(workdir)], cwd=REPO, capture_output=True, text=True,
-                                 timeout=300, env=user_env())
-      assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-      step = int(re.search(r'checkpoint: step (\d+) in', evaluated.stdout).group(1))
-      assert saved <= step < 12 and 'test accuracy' in evaluated.stdout, evaluated.stdout
-    finally:
-      first.send_signal(signal.SIGCONT)
-    assert first.wait(timeout=600) == 0, Path(f'{log}.err').read_text()[-3000:]
+    before = snapshot(workdir)
+    second = run_train(*args)
+    assert snapshot(workdir) == before  # nothing written, the lock file untouched
+    assert second.returncode == 2, second.stderr[-3000:]
+    (line,) = second.stderr.strip().splitlines()
+    assert re.fullmatch(
+        rf'error: --workdir {re.escape(str(workdir))} is in use by pid {first.pid} on host '
+        rf'{re.escape(socket.gethostname())} since \S+ \(train.py --config '
+        r'configs/quickstart.py .*\); wait for that run to end or stop it, or choose another '
+        r'--workdir', line), line
+    assert second.stdout == ''
+    # evaluate takes no lock: it reads the newest checkpoint while the run trains.
+    evaluated = run_python('-m', 'gnet_jax.evaluate', '--workdir', str(workdir), timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    step = int(re.search(r'checkpoint: step (\d+) in', evaluated.stdout).group(1))
+    assert saved <= step < 12 and 'test accuracy' in evaluated.stdout, evaluated.stdout
+    first.send_signal(signal.SIGKILL)
   finally:
     if first.poll() is None:
       first.kill()
-      first.wait()
-  out = Path(f'{log}.out').read_text()
-  assert 'epoch 2/2' in out and 'resuming' not in out
-  finished_run_is_intact(workdir)
-
-
-def test_run_killed_with_sigkill_resumes_with_the_same_command(tmp_path, idx_dir):
-  workdir, log = tmp_path / 'run', tmp_path / 'killed'
-  args = train_args(workdir, idx_dir)
-  killed = start_train(args, log)
-  try:
-    saved = wait_for_checkpoint(killed, workdir, log)
-    killed.send_signal(signal.SIGKILL)
-  finally:
-    if killed.poll() is None:
-      killed.kill()
-    killed.wait()
-  assert killed.returncode == -signal.SIGKILL
+    first.wait()
+  assert first.returncode == -signal.SIGKILL
   assert 'epoch 2/2' not in Path(f'{log}.out').read_text()  # killed mid-training
   left = json.loads((workdir / workdir_lib.OWNER_NAME).read_text())
-  assert left['pid'] == killed.pid  # its line is still there
+  assert left['pid'] == first.pid  # its line is still there
   resumed = run_train(*args)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   step = int(re.search(r'resuming from the checkpoint at step (\d+)', resumed.stdout).group(1))
