@@ -32,7 +32,9 @@ for _flag in os.environ['GNET_JAX_TEST_XLA_FLAGS'].split():
     os.environ['XLA_FLAGS'] += ' ' + _flag
 _CACHE = os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                                os.path.join(tempfile.gettempdir(), 'gnet_jax_test_cache'))
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+# Programs that compile in over 0.1 s are shared across the run's processes; writing the
+# thousands of smaller ones costs more than reading them back saves.
+_MIN_COMPILE_S = os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # Image folders' decode caches (~/.cache/gnet_jax/image_folder) in a folder of this run's own,
 # for its subprocesses too: the user's cache is left alone.
@@ -52,7 +54,7 @@ import pytest  # noqa: E402
 from gnet_jax import models, ops  # noqa: E402
 
 jax.config.update('jax_compilation_cache_dir', _CACHE)
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', float(_MIN_COMPILE_S))
 
 REPO = Path(__file__).resolve().parent.parent
 
