@@ -36,6 +36,9 @@ _CACHE = os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
 # thousands of smaller ones costs more than reading them back saves.
 _MIN_COMPILE_S = os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+# Three workers share two cores: PyTorch's OpenMP pool would only spin against them
+# (tests that compare with PyTorch set its thread count themselves).
+os.environ.setdefault('OMP_NUM_THREADS', '1')
 # Image folders' decode caches (~/.cache/gnet_jax/image_folder) in a folder of this run's own,
 # for its subprocesses too: the user's cache is left alone.
 os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='gnet_jax_test_cache_home_')
@@ -58,31 +61,19 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', float(_MIN_COMPI
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Files that spend most of their time in child processes compiling GoogLeNet start first,
-# so that under pytest-xdist (pyproject's addopts) they overlap the many short tests
-# instead of running alone at the end.
-SLOW_FILES = ('test_accelerator_report.py', 'test_notebook.py', 'test_cli.py',
-              'test_multihost.py', 'test_benchmarks.py', 'test_interop.py',
-              'test_transformations.py', 'test_workdir.py', 'test_inception_v1.py',
-              'test_imagenet.py', 'test_finetune.py', 'test_export.py', 'test_stream.py')
+# The longest files first, longest first (each one's minutes under pytest-xdist on the 2-core
+# VM), so that the three workers of pyproject's addopts (--no-loadscope-reorder keeps this
+# order) end together instead of one of them running the notebook alone at the end.
+SLOW_FILES = ('test_export.py', 'test_accelerator_report.py', 'test_inception_v1.py',
+              'test_finetune.py', 'test_workdir.py', 'test_stream.py', 'test_own_data.py',
+              'test_transformations.py', 'test_notebook.py', 'test_train.py', 'test_imagenet.py',
+              'test_benchmarks.py', 'test_ops.py', 'test_replay.py', 'test_cli.py',
+              'test_parallel.py', 'test_multihost.py', 'test_checkpoint.py')
 
 
 def pytest_collection_modifyitems(items):
-  items.sort(key=lambda item: item.path.name not in SLOW_FILES)  # stable: order kept otherwise
-
-
-def user_env(**overrides: str) -> dict[str, str]:
-  """This environment with one CPU device, as a user's command has (not the tests' 8 virtual
-  ones: an image-folder run would otherwise shard a batch of 8 over 8 devices on 2 cores)."""
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
-  return {**os.environ, 'XLA_FLAGS': ' '.join(flags), **overrides}
-
-
-def run_python(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
-  """``python ARGS`` in the repository as a user runs it (``user_env``), output captured."""
-  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout, env=user_env(**env))
+  rank = {name: i for i, name in enumerate(SLOW_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable otherwise
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:

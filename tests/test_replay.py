@@ -1,6 +1,8 @@
 """``python -m benchmarks.replay``: a run's steps retraced from a checkpoint, in gnet-jax and
 in PyTorch."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -37,13 +39,21 @@ def run(tmp_path_factory, idx_dir):
   return workdir
 
 
-def test_jax_replay_retraces_the_run_bit_for_bit(run, tmp_path, capsys):
-  out = tmp_path / 'replay.json'
-  assert replay.main(['--workdir', str(run), '--start', '2', '--stop', '4', '--check', '4',
-                      '--eval', '--out', str(out)]) == 0
-  printed = capsys.readouterr().out
+@pytest.fixture(scope='module')
+def jax_replay(run, tmp_path_factory) -> tuple[dict, str]:
+  """Steps 3 and 4 replayed in gnet-jax, checked against checkpoint 4 and evaluated: the
+  saved result and what was printed."""
+  out = tmp_path_factory.mktemp('jax_replay') / 'replay.json'
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    assert replay.main(['--workdir', str(run), '--start', '2', '--stop', '4', '--check', '4',
+                        '--eval', '--out', str(out)]) == 0
+  return json.loads(out.read_text()), printed.getvalue()
+
+
+def test_jax_replay_retraces_the_run_bit_for_bit(run, jax_replay):
+  result, printed = jax_replay
   assert 'parameters after step 4 vs its checkpoint: bit-identical' in printed
-  result = json.loads(out.read_text())
   assert [r['step'] for r in result['rows']] == [3, 4]
   assert result['checks']['4']['identical'] and result['checks']['4']['distance'] == 0.0
   (epoch,) = metrics.read_jsonl(run / 'metrics.jsonl')
@@ -95,14 +105,12 @@ def test_replay_traces_with_the_kernels_of_a_commit(run, tmp_path, ops_history):
   assert results['altered']['rows'][0]['loss'] != results['same']['rows'][0]['loss']
 
 
-def test_torch_replay_follows_the_same_steps(run, tmp_path):
+def test_torch_replay_follows_the_same_steps(run, jax_replay, tmp_path):
   pytest.importorskip('torch')
-  jax_out, torch_out = tmp_path / 'jax.json', tmp_path / 'torch.json'
-  assert replay.main(['--workdir', str(run), '--start', '2', '--stop', '4',
-                      '--out', str(jax_out)]) == 0
+  torch_out = tmp_path / 'torch.json'
   assert replay.main(['--workdir', str(run), '--start', '2', '--stop', '4', '--torch',
                       '--out', str(torch_out)]) == 0
-  jax_rows = json.loads(jax_out.read_text())['rows']
+  jax_rows = jax_replay[0]['rows']
   torch_rows = json.loads(torch_out.read_text())['rows']
   for key, rtol in (('loss', 1e-4), ('acc', 0), ('update_norm', 1e-3)):
     np.testing.assert_allclose([r[key] for r in torch_rows], [r[key] for r in jax_rows],
