@@ -36,13 +36,15 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-import jax
 import numpy as np
 
 from gnet_jax.errors import ConfigError, DependencyError, InputError, StateDictError
 from gnet_jax.models import B3_BLOCKS, B4_BLOCKS, B5_BLOCKS
+
+if TYPE_CHECKING:
+  from gnet_jax import input_pipeline
 
 # The Inception convs in the order PyTorch registers (and saves) them, with kernel sizes.
 INCEPTION_CONVS = (('p1_1', 1), ('p2_1', 1), ('p2_2', 3), ('p3_1', 1), ('p3_2', 5), ('p4_2', 1))

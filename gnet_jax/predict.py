@@ -173,7 +173,7 @@ def predict_images(workdir: str | Path, paths: Sequence[str | os.PathLike],
   ``DatasetError`` for a bad file and ``CheckpointError`` for a workdir
   without a usable checkpoint.
   """
-  from gnet_jax import input_pipeline, state as state_lib, xla_flags
+  from gnet_jax import state as state_lib, xla_flags
 
   if not paths:
     raise InputError('no image files given')

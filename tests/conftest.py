@@ -61,8 +61,8 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', float(_MIN_COMPI
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The longest files first, longest first (each one's minutes under pytest-xdist on the 2-core
-# VM), so that the three workers of pyproject's addopts (--no-loadscope-reorder keeps this
+# The longest files (as measured under pytest-xdist on the 2-core VM) start first, longest
+# first, so that the three workers of pyproject's addopts (--no-loadscope-reorder keeps this
 # order) end together instead of one of them running the notebook alone at the end.
 SLOW_FILES = ('test_export.py', 'test_accelerator_report.py', 'test_inception_v1.py',
               'test_finetune.py', 'test_workdir.py', 'test_stream.py', 'test_own_data.py',
@@ -74,6 +74,20 @@ SLOW_FILES = ('test_export.py', 'test_accelerator_report.py', 'test_inception_v1
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(SLOW_FILES)}
   items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable otherwise
+
+
+def user_env(**overrides: str) -> dict[str, str]:
+  """This environment with one CPU device, as a user's command has (not the tests' 8 virtual
+  ones: an image-folder run would otherwise shard a batch of 8 over 8 devices on 2 cores)."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  return {**os.environ, 'XLA_FLAGS': ' '.join(flags), **overrides}
+
+
+def run_python(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+  """``python ARGS`` in the repository as a user runs it (``user_env``), output captured."""
+  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout, env=user_env(**env))
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:

@@ -1,7 +1,6 @@
 """Model structure: stage shapes, parameter tree, Inception branches, aux heads, kernel choice."""
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -15,21 +15,17 @@ import functools
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any
-
 import chex
-import flax.linen as nn
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import default
-from conftest import REPO, TinyNet, make_images
+from conftest import TinyNet, make_images
 from gnet_jax import input_pipeline, metrics as metrics_lib, models, parallel, state as state_lib, train
 from gnet_jax.errors import ConfigError
 
@@ -254,7 +250,7 @@ def test_bfloat16_runs_the_inception_kernels_in_bfloat16(kernels):
 # ----------------------------------------------------------------------------- the loop
 
 
-def loop_config(idx_dir: Path, **overrides) -> 'ml_collections.ConfigDict':
+def loop_config(idx_dir: Path, **overrides) -> ml_collections.ConfigDict:
   """2 epochs of 3 steps on the synthetic data (13 test examples), TinyNet with an aux head.
 
   lr 0.01: at lr 0.1 with momentum 0.9 this tiny problem diverges, and a
