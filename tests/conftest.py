@@ -1,6 +1,8 @@
 """Shared test setup: 8 virtual CPU devices, fast compiles, a persistent compilation cache, tiny IDX data."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,7 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 # Image folders' decode caches (~/.cache/gnet_jax/image_folder) in a folder of this run's own,
 # for its subprocesses too: the user's cache is left alone.
 os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='gnet_jax_test_cache_home_')
+atexit.register(shutil.rmtree, os.environ['XDG_CACHE_HOME'], ignore_errors=True)
 
 import gzip  # noqa: E402
 from pathlib import Path  # noqa: E402
