@@ -7,8 +7,11 @@ every supported format and mode, and a few non-image files sit beside them.
 
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 from PIL import Image
+
+from configs import image_folder as image_folder_config
 
 CLASSES = ('circle', 'cross', 'square')  # sorted: the labels are 0, 1, 2
 COLOURS = {'circle': (200, 40, 40), 'cross': (40, 200, 40), 'square': (40, 40, 200)}
@@ -59,3 +62,14 @@ def make_folder(root: Path, per_class: dict[str, int] | None = None, seed: int =
   (root / 'train' / 'README.txt').write_text('not an image')
   (root / 'train' / CLASSES[0] / '.DS_Store').write_bytes(b'\0\1')
   return root
+
+
+def folder_config(folder: Path, **overrides) -> ml_collections.ConfigDict:
+  """configs/image_folder.py (normalisation, pad-crop and flip) on a generated folder, small:
+  16x16, batch 8, 2 epochs, one device, no checkpoints and no compilation cache of its own."""
+  config = image_folder_config.get_config()
+  config.update(dict(data_dir=str(folder), image_size=16, batch_size=8, num_epochs=2,
+                     parallelism='none', progress=False, checkpoint_every_steps=0,
+                     compilation_cache='off'))
+  config.update(overrides)
+  return config

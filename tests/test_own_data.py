@@ -18,10 +18,10 @@ import optax
 import pytest
 
 from conftest import TinyNet, run_python
-from configs import default, image_folder as image_folder_config
+from configs import default
 from gnet_jax import checkpoint, input_pipeline, preemption, state as state_lib, train
 from gnet_jax.errors import DatasetError
-from image_folders import CLASSES, make_folder
+from image_folders import CLASSES, folder_config, make_folder
 
 TIMING_KEYS = ('examples_per_sec', 'seconds')
 
@@ -29,16 +29,6 @@ TIMING_KEYS = ('examples_per_sec', 'seconds')
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
   return make_folder(tmp_path_factory.mktemp('own') / 'shapes', {'train': 16, 'test': 6})
-
-
-def folder_config(folder, **overrides):
-  """configs/image_folder.py on the generated folder, small: 48 images, batch 8, 2 epochs."""
-  config = image_folder_config.get_config()
-  config.update(dict(data_dir=str(folder), image_size=16, batch_size=8, num_epochs=2,
-                     parallelism='none', progress=False, checkpoint_every_steps=0,
-                     compilation_cache='off'))
-  config.update(overrides)
-  return config
 
 
 def run(config, workdir, after_step=None):

@@ -23,10 +23,9 @@ import psutil
 import pytest
 
 from conftest import REPO, TinyNet
-from configs import image_folder as image_folder_config
 from gnet_jax import checkpoint, cli, input_pipeline, parallel, state as state_lib, stream, train
 from gnet_jax.errors import CheckpointError, ConfigError, DatasetError
-from image_folders import make_folder
+from image_folders import folder_config, make_folder
 
 TIMING_KEYS = ('examples_per_sec', 'seconds')
 
@@ -37,13 +36,9 @@ def folder(tmp_path_factory):
 
 
 def stream_config(folder, **overrides):
-  """configs/image_folder.py (normalisation, pad-crop and flip) streamed, small."""
-  config = image_folder_config.get_config()
-  config.update(dict(data_dir=str(folder), image_size=16, batch_size=8, num_epochs=2,
-                     parallelism='none', progress=False, checkpoint_every_steps=4,
-                     compilation_cache='off', input='stream', data_workers=0))
-  config.update(overrides)
-  return config
+  """``image_folders.folder_config`` streamed, a checkpoint every 4 steps."""
+  return folder_config(folder, **{'checkpoint_every_steps': 4, 'input': 'stream',
+                                  'data_workers': 0, **overrides})
 
 
 def run(config, workdir, after_step=None):
