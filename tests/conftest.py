@@ -79,18 +79,20 @@ def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable otherwise
 
 
-def user_env(**overrides: str) -> dict[str, str]:
-  """This environment with one CPU device, as a user's command has (not the tests' 8 virtual
-  ones: an image-folder run would otherwise shard a batch of 8 over 8 devices on 2 cores)."""
+def child_env(devices: int = 1, **overrides: str) -> dict[str, str]:
+  """This environment for a child process with ``devices`` CPU devices instead of the tests'
+  8: one, as a user's command has (an image-folder run would otherwise shard a batch of 8
+  over 8 devices on 2 cores), or 2 per process of a two-process run."""
   flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
            if not f.startswith('--xla_force_host_platform_device_count')]
+  flags.append(f'--xla_force_host_platform_device_count={devices}')
   return {**os.environ, 'XLA_FLAGS': ' '.join(flags), **overrides}
 
 
 def run_python(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
-  """``python ARGS`` in the repository as a user runs it (``user_env``), output captured."""
+  """``python ARGS`` in the repository as a user runs it (one device), output captured."""
   return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout, env=user_env(**env))
+                        timeout=timeout, env=child_env(**env))
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:
@@ -144,6 +146,22 @@ def quickstart_checkpoint(tmp_path_factory, idx_dir) -> Path:
   folder = tmp_path_factory.mktemp('quickstart_step0')
   checkpoint.save_state(folder, state_lib.build(config)[2], config)
   return folder
+
+
+@pytest.fixture(scope='session')
+def book_run(tmp_path_factory, idx_dir) -> Path:
+  """The book's recipe (plain SGD lr 0.1) at 28x28 on the tiny IDX data: 4 steps of batch 8,
+  checkpoints at 2 and 4, evaluated at 4 (replayed by test_replay, exported by test_export)."""
+  from configs import default
+  from gnet_jax import train
+
+  config = default.get_config()
+  config.update(image_size=28, batch_size=8, train_examples=32, num_epochs=1,
+                checkpoint_every_steps=2, data_source='idx', data_dir=str(idx_dir),
+                progress=False, max_checkpoints=0, num_devices=1)
+  workdir = tmp_path_factory.mktemp('book_run')
+  train.train_and_evaluate(config, workdir)
+  return workdir
 
 
 class TinyNet(nn.Module):

@@ -1,8 +1,8 @@
 """``python -m gnet_jax.export``: ONNX and ``jax.export`` files that predict as the run does.
 
 Two runs are made once each, in-process at the smallest shapes: the d2l
-network trained for four steps at 28x28 (test_replay.py's run, so a warm
-compilation cache serves both), and torchvision's GoogLeNet fine-tuned for two
+network trained for four steps at 28x28 (conftest's ``book_run``, which
+test_replay.py replays), and torchvision's GoogLeNet fine-tuned for two
 steps at 32x32 from a torchvision file (``configs/finetune.py``: ImageNet
 normalisation, ``transform_input``, BatchNorm statistics updating). Each is
 exported to both formats (``inception_v1`` with BatchNorm folded and kept);
@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default, finetune
+from configs import finetune
 from gnet_jax import export, input_pipeline, state as state_lib, train
 import image_folders
 
@@ -39,18 +39,6 @@ RUNS = ('d2l', 'inception_v1')
 # (run, format, batchnorm): the artifacts the module exports.
 ARTIFACTS = [(run, fmt, bn) for run in RUNS for fmt in export.FORMATS
              for bn in (('fold', 'keep') if run == 'inception_v1' else ('fold',))]
-
-
-@pytest.fixture(scope='module')
-def d2l_run(tmp_path_factory, idx_dir) -> Path:
-  """The book's recipe at 28x28 on the tiny IDX data, four steps (test_replay.py's run)."""
-  config = default.get_config()
-  config.update(image_size=28, batch_size=8, train_examples=32, num_epochs=1,
-                checkpoint_every_steps=2, data_source='idx', data_dir=str(idx_dir),
-                progress=False, max_checkpoints=0, num_devices=1)
-  workdir = tmp_path_factory.mktemp('d2l_run')
-  train.train_and_evaluate(config, workdir)
-  return workdir
 
 
 @pytest.fixture(scope='module')
@@ -87,8 +75,8 @@ def inception_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope='module')
-def runs(d2l_run, inception_run) -> dict[str, Path]:
-  return {'d2l': d2l_run, 'inception_v1': inception_run}
+def runs(book_run, inception_run) -> dict[str, Path]:
+  return {'d2l': book_run, 'inception_v1': inception_run}
 
 
 @pytest.fixture(scope='module')
@@ -331,20 +319,20 @@ def test_a_workdir_without_a_checkpoint_is_one_error_line(tmp_path, capsys):
   assert sorted(os.listdir(tmp_path)) == []
 
 
-def test_an_unknown_format_is_one_error_line(d2l_run, tmp_path, capsys):
-  status, err = command(capsys, '--workdir', str(d2l_run), '--format', 'tflite',
+def test_an_unknown_format_is_one_error_line(book_run, tmp_path, capsys):
+  status, err = command(capsys, '--workdir', str(book_run), '--format', 'tflite',
                         '--out', str(tmp_path / 'model.tflite'))
   assert (status, err) == (2, ["error: --format 'tflite' is not one of onnx, jax"])
-  status, err = command(capsys, '--workdir', str(d2l_run), '--format', 'onnx', '--batchnorm',
+  status, err = command(capsys, '--workdir', str(book_run), '--format', 'onnx', '--batchnorm',
                         'drop', '--out', str(tmp_path / 'model.onnx'))
   assert (status, err) == (2, ["error: --batchnorm 'drop' is not one of fold, keep"])
   assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize('fmt', export.FORMATS)
-def test_an_output_path_that_cannot_be_written_is_one_error_line(d2l_run, tmp_path, capsys, fmt):
+def test_an_output_path_that_cannot_be_written_is_one_error_line(book_run, tmp_path, capsys, fmt):
   for out in (tmp_path / 'missing' / f'model.{fmt}', tmp_path):
-    status, err = command(capsys, '--workdir', str(d2l_run), '--format', fmt, '--out', str(out))
+    status, err = command(capsys, '--workdir', str(book_run), '--format', fmt, '--out', str(out))
     assert status == 2 and len(err) == 1 and err[0].startswith('error: '), err
   assert os.listdir(tmp_path) == []
 
@@ -360,12 +348,12 @@ def test_a_failed_write_leaves_nothing_half_written(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['old.onnx']
 
 
-def test_a_missing_package_is_named_before_anything_is_read(d2l_run, tmp_path, capsys,
+def test_a_missing_package_is_named_before_anything_is_read(book_run, tmp_path, capsys,
                                                             monkeypatch):
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, 'find_spec',
                       lambda name, *a: None if name == 'onnxscript' else real(name, *a))
-  status, err = command(capsys, '--workdir', str(d2l_run), '--format', 'onnx',
+  status, err = command(capsys, '--workdir', str(book_run), '--format', 'onnx',
                         '--out', str(tmp_path / 'model.onnx'))
   assert status == 2 and len(err) == 1 and 'gnet-jax[export]' in err[0], err
   assert 'onnxscript' in err[0] and os.listdir(tmp_path) == []

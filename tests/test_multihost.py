@@ -10,7 +10,6 @@ are killed whatever happens; each has a time limit.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import socket
@@ -22,7 +21,7 @@ from pathlib import Path
 import chex
 import pytest
 
-from conftest import REPO
+from conftest import REPO, child_env
 from gnet_jax import metrics as metrics_lib
 from test_parallel import ATOL, RTOL, STEPS, assert_same_metrics, single_device_metrics, trajectory
 
@@ -39,14 +38,6 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
-
-
-def child_env(devices: int) -> dict[str, str]:
-  """The test's environment with ``devices`` CPU devices instead of the conftest's 8."""
-  env = dict(os.environ)
-  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', env.get('XLA_FLAGS', ''))
-  env['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={devices}'.strip()
-  return env
 
 
 LOOP_WORKER = '''

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks import replay
-from configs import default
-from gnet_jax import metrics, ops, train
+from gnet_jax import metrics, ops
 
 # Appended to ops.py: every convolution 1% larger, a kernel set that computes other values.
 ALTERED = """
@@ -27,36 +26,23 @@ def conv(*args, **kwargs):
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory, idx_dir):
-  """The book's recipe (plain SGD lr 0.1) at 28x28 on the tiny data: 4 steps, checkpoints at 2
-  and 4, evaluated at 4."""
-  config = default.get_config()
-  config.update(image_size=28, batch_size=8, train_examples=32, num_epochs=1,
-                checkpoint_every_steps=2, data_source='idx', data_dir=str(idx_dir),
-                progress=False, max_checkpoints=0, num_devices=1)
-  workdir = tmp_path_factory.mktemp('replay_run')
-  train.train_and_evaluate(config, workdir)
-  return workdir
-
-
-@pytest.fixture(scope='module')
-def jax_replay(run, tmp_path_factory) -> tuple[dict, str]:
+def jax_replay(book_run, tmp_path_factory) -> tuple[dict, str]:
   """Steps 3 and 4 replayed in gnet-jax, checked against checkpoint 4 and evaluated: the
   saved result and what was printed."""
   out = tmp_path_factory.mktemp('jax_replay') / 'replay.json'
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
-    assert replay.main(['--workdir', str(run), '--start', '2', '--stop', '4', '--check', '4',
-                        '--eval', '--out', str(out)]) == 0
+    assert replay.main(['--workdir', str(book_run), '--start', '2', '--stop', '4', '--check',
+                        '4', '--eval', '--out', str(out)]) == 0
   return json.loads(out.read_text()), printed.getvalue()
 
 
-def test_jax_replay_retraces_the_run_bit_for_bit(run, jax_replay):
+def test_jax_replay_retraces_the_run_bit_for_bit(book_run, jax_replay):
   result, printed = jax_replay
   assert 'parameters after step 4 vs its checkpoint: bit-identical' in printed
   assert [r['step'] for r in result['rows']] == [3, 4]
   assert result['checks']['4']['identical'] and result['checks']['4']['distance'] == 0.0
-  (epoch,) = metrics.read_jsonl(run / 'metrics.jsonl')
+  (epoch,) = metrics.read_jsonl(book_run / 'metrics.jsonl')
   assert result['test']['accuracy'] == epoch['test_acc']  # same weights, same evaluation
   assert all(r['update_norm'] > 0 and 0 <= r['acc'] <= 1 for r in result['rows'])
 
@@ -89,14 +75,14 @@ def ops_history(tmp_path, monkeypatch):
   return revs
 
 
-def test_replay_traces_with_the_kernels_of_a_commit(run, tmp_path, ops_history):
+def test_replay_traces_with_the_kernels_of_a_commit(book_run, tmp_path, ops_history):
   """--ops-at REV traces GoogLeNet with ops.py as committed at REV: the run's own kernels
   retrace it bit for bit, kernels that compute other values do not."""
   results = {}
   for name, rev in ops_history.items():
     out = tmp_path / f'{name}.json'
-    assert replay.main(['--workdir', str(run), '--start', '2', '--stop', '4', '--check', '4',
-                        '--ops-at', rev, '--out', str(out)]) == 0
+    assert replay.main(['--workdir', str(book_run), '--start', '2', '--stop', '4', '--check',
+                        '4', '--ops-at', rev, '--out', str(out)]) == 0
     results[name] = json.loads(out.read_text())
     assert results[name]['ops_at'] == rev
   assert results['same']['checks']['4'] == {'identical': True, 'distance': 0.0}
@@ -105,10 +91,10 @@ def test_replay_traces_with_the_kernels_of_a_commit(run, tmp_path, ops_history):
   assert results['altered']['rows'][0]['loss'] != results['same']['rows'][0]['loss']
 
 
-def test_torch_replay_follows_the_same_steps(run, jax_replay, tmp_path):
+def test_torch_replay_follows_the_same_steps(book_run, jax_replay, tmp_path):
   pytest.importorskip('torch')
   torch_out = tmp_path / 'torch.json'
-  assert replay.main(['--workdir', str(run), '--start', '2', '--stop', '4', '--torch',
+  assert replay.main(['--workdir', str(book_run), '--start', '2', '--stop', '4', '--torch',
                       '--out', str(torch_out)]) == 0
   jax_rows = jax_replay[0]['rows']
   torch_rows = json.loads(torch_out.read_text())['rows']
@@ -125,10 +111,10 @@ def test_summary_names_the_spike_steps():
   assert lines[-1].endswith('first step at 3x the median loss or more: 7')
 
 
-def test_bad_steps_are_one_error(run, capsys):
+def test_bad_steps_are_one_error(book_run, capsys):
   with pytest.raises(SystemExit) as info:
-    replay.main(['--workdir', str(run), '--start', '4', '--stop', '2'])
+    replay.main(['--workdir', str(book_run), '--start', '4', '--stop', '2'])
   assert info.value.code == 2 and '--stop 2 must be after --start 4' in capsys.readouterr().err
   with pytest.raises(SystemExit) as info:
-    replay.main(['--workdir', str(run), '--start', '3', '--stop', '4'])
+    replay.main(['--workdir', str(book_run), '--start', '3', '--stop', '4'])
   assert info.value.code == 2 and 'error:' in capsys.readouterr().err

@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import REPO, TinyNet
+from conftest import REPO, TinyNet, child_env
 from gnet_jax import checkpoint, cli, input_pipeline, parallel, state as state_lib, stream, train
 from gnet_jax.errors import CheckpointError, ConfigError, DatasetError
 from image_folders import folder_config, make_folder
@@ -412,7 +412,7 @@ sys.exit(ts.run(config, workdir, after_step=kill_after_10))
 
 
 def start_two_processes(folder, workdir, kill):
-  from test_multihost import child_env, free_port
+  from test_multihost import free_port
   address = f'127.0.0.1:{free_port()}'
   workdir.parent.mkdir(parents=True, exist_ok=True)
   procs = []

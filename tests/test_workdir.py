@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_python, user_env
+from conftest import REPO, child_env, run_python
 from gnet_jax import state as state_lib, workdir as workdir_lib
 from gnet_jax.errors import WorkdirError
 from test_cli import run_train
@@ -130,7 +130,7 @@ sys.exit(cli.run_command(hold))
 
 def test_a_workdir_process_0_cannot_create_stops_every_process(tmp_path):
   """An OSError on process 0 (here: the workdir's parent is a file) is broadcast, not a hang."""
-  from test_multihost import child_env, free_port
+  from test_multihost import free_port
   (tmp_path / 'file').write_text('x')
   workdir = tmp_path / 'file' / 'run'
   address = f'127.0.0.1:{free_port()}'
@@ -191,7 +191,7 @@ def start_train(args: list[str], log: Path) -> subprocess.Popen:
   """``train.py`` in the background, its output into ``log``.out and ``log``.err."""
   with open(f'{log}.out', 'w') as out, open(f'{log}.err', 'w') as err:
     return subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO, stdout=out,
-                            stderr=err, env=user_env())
+                            stderr=err, env=child_env())
 
 
 def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, log: Path,
