@@ -199,7 +199,7 @@ def one_step(batch):
   tx = optax.chain(capture_gradients(), state_lib.create_optimizer(config))
   state = state_lib.create_train_state(config, input_pipeline.dataset_spec('fashion_mnist'),
                                        model, tx)
-  state = state.replace(params=start, opt_state=tx.init(start))
+  state = state.replace(params=start, opt_state=state_lib.init_opt_state(tx, start))
 
   def step(state, batch):
     with jax.default_matmul_precision('float32'):

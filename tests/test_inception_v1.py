@@ -163,10 +163,15 @@ def flax_train(dtype, variables: dict, x: jax.Array, labels: jax.Array, step: bo
   if not step:
     outputs, batch_stats = jax.jit(loss_fn)(variables['params'])[1]
     return outputs, None, {'params': variables['params'], 'batch_stats': batch_stats}
-  grads, (outputs, batch_stats) = jax.jit(jax.grad(loss_fn, has_aux=True))(variables['params'])
-  updates, _ = tx.update(grads, tx.init(variables['params']), variables['params'])
-  return outputs, grads, {'params': optax.apply_updates(variables['params'], updates),
-                          'batch_stats': batch_stats}
+
+  @jax.jit  # one program: eager, the update's ~200 small ops each compile on their own
+  def sgd_step(params):
+    grads, (outputs, batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return outputs, grads, {'params': optax.apply_updates(params, updates),
+                            'batch_stats': batch_stats}
+
+  return sgd_step(variables['params'])
 
 
 def train_batch(seed: int):
@@ -346,9 +351,9 @@ def test_batchnorm_matches_pytorchs_and_is_the_same_on_one_and_four_devices():
   conv = functools.partial(inception_v1.BasicConv, use_running_average=False)
   block = functools.partial(models.Inception, 4, (4, 6), (2, 3), 3, c3_kernel=3,
                             names=inception_v1.BRANCHES)
-  variables = block(unit=conv).init(jax.random.key(1), x)
-  variables = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(2), v.shape),
-                           variables)
+  variables = jax.jit(lambda: jax.tree.map(  # one program, not one per op and leaf
+      lambda v: v + 0.1 * jax.random.normal(jax.random.key(2), v.shape),
+      block(unit=conv).init(jax.random.key(1), x)))()
 
   def apply(unit, x):
     return block(unit=unit).apply(variables, x, mutable=['batch_stats'])

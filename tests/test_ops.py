@@ -116,6 +116,7 @@ def test_forward_mode_agrees_between_kernels(hw, k, stride):
   def f(kind, v, kern):
     return ops.max_pool_3x3(ops.conv(v, kern, bias, kernels=kind), stride, kind)
 
+  @functools.partial(jax.jit, static_argnums=0)  # one program each, not ~100 eager ones
   def transforms(kind):
     g = functools.partial(f, kind)
     _, tangent = jax.jvp(g, (x, kernel), (x_dot, kernel_dot))
