@@ -1,49 +1,14 @@
-"""train.py as a user runs it: a tiny end-to-end run, --summary, and clear errors."""
-
-import json
-import re
+"""train.py as a user runs it: clear errors. test_workdir.py runs it end to end (killed and
+resumed), and test_notebook.py its ``--summary``."""
 
 import pytest
 
-from conftest import pixels_of_color, read_png, run_python
+from conftest import run_python
 
 
 def run_train(*args, timeout=600):
   """Runs train.py as a user would: one CPU device (not the tests' 8 virtual ones)."""
   return run_python('train.py', *args, timeout=timeout)
-
-
-def test_end_to_end_run_writes_the_workdir(idx_dir, tmp_path):
-  workdir = tmp_path / 'run'
-  result = run_train('--config', 'configs/quickstart.py', '--workdir', str(workdir),
-                     '--config.data_source=idx', f'--config.data_dir={idx_dir}',
-                     '--config.train_examples=32', '--config.eval_examples=12',
-                     '--config.batch_size=8', '--config.num_epochs=1',
-                     '--config.log_every_steps=2', '--config.progress=False')
-  assert result.returncode == 0, result.stderr
-  assert re.search(r'^epoch 1/1: loss \d+\.\d{3}, train acc \d\.\d{3}, test acc \d\.\d{3}, '
-                   r'\d+\.\d examples/sec on cpu:0$', result.stdout, re.M), result.stdout
-  assert f'idx files in {idx_dir}' in result.stdout
-  config = json.loads((workdir / 'config.json').read_text())
-  assert config['image_size'] == 28 and config['data_dir'] == str(idx_dir)
-  (line,) = (workdir / 'metrics.jsonl').read_text().splitlines()
-  metrics = json.loads(line)
-  for key in ('epoch', 'step', 'train_loss', 'train_acc', 'test_acc', 'examples_per_sec',
-              'seconds'):
-    assert key in metrics
-  assert metrics['epoch'] == 1 and metrics['step'] == 4
-  curves = read_png(workdir / 'curves.png')
-  assert curves.shape == (350, 500, 3) and pixels_of_color(curves, 'C0') > 150  # a loss curve
-  assert [json.loads(p)['step'] for p in (workdir / 'steps.jsonl').read_text().splitlines()] == [
-      2, 4]
-  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
-
-
-def test_summary_prints_stage_table():
-  result = run_train('--config', 'configs/fashion_mnist.py', '--summary')
-  assert result.returncode == 0, result.stderr
-  for text in ('b1', 'b5', 'head', '5,977,530', 'float32[1,3,3,832]', 'flops'):
-    assert text in result.stdout
 
 
 @pytest.mark.parametrize('args, expected', [

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, child_env, run_python
+from conftest import REPO, child_env, pixels_of_color, read_png, run_python
 from gnet_jax import state as state_lib, workdir as workdir_lib
 from gnet_jax.errors import WorkdirError
 from test_cli import run_train
@@ -179,12 +179,12 @@ def test_two_processes_of_another_run_are_both_refused(tmp_path, idx_dir):
 # ----------------------------------------------------------------------------- train.py
 
 def train_args(workdir: Path, idx_dir: Path) -> list[str]:
-  """GoogLeNet on the tiny data: 2 epochs of 6 steps, a checkpoint every 2 steps."""
+  """GoogLeNet on the tiny data: 2 epochs of 6 steps, a checkpoint and a point every 2 steps."""
   return ['--config', 'configs/quickstart.py', '--workdir', str(workdir),
           '--config.data_source=idx', f'--config.data_dir={idx_dir}',
           '--config.train_examples=48', '--config.eval_examples=16', '--config.batch_size=8',
           '--config.num_epochs=2', '--config.checkpoint_every_steps=2',
-          '--config.progress=False']
+          '--config.log_every_steps=2', '--config.progress=False']
 
 
 def start_train(args: list[str], log: Path) -> subprocess.Popen:
@@ -210,9 +210,20 @@ def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, log: Path,
   pytest.fail(f'no checkpoint after {timeout} s:\n' + Path(f'{log}.err').read_text()[-3000:])
 
 
-def finished_run_is_intact(workdir: Path) -> None:
+def finished_run_is_intact(workdir: Path, idx_dir: Path) -> None:
+  """The workdir a user's run leaves: its config, both epochs' metrics, every step's point
+  once (the killed run's later points cut at the resume), the plot, TensorBoard's events."""
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['image_size'] == 28 and config['data_dir'] == str(idx_dir)
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [(r['epoch'], r['step']) for r in rows] == [(1, 6), (2, 12)]
+  for key in ('train_loss', 'train_acc', 'test_acc', 'examples_per_sec', 'seconds'):
+    assert all(key in r for r in rows), key
+  points = [json.loads(line)['step'] for line in (workdir / 'steps.jsonl').read_text().splitlines()]
+  assert points == [2, 4, 6, 8, 10, 12]
+  curves = read_png(workdir / 'curves.png')
+  assert curves.shape == (350, 500, 3) and pixels_of_color(curves, 'C0') > 150  # a loss curve
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
   step = state_lib.load_checkpoint(workdir).step
   assert step == 12
 
@@ -256,5 +267,8 @@ def test_a_second_run_is_refused_and_the_killed_first_resumes_with_the_same_comm
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   step = int(re.search(r'resuming from the checkpoint at step (\d+)', resumed.stdout).group(1))
   assert saved <= step < 12 and step % 2 == 0
+  assert f'idx files in {idx_dir}' in resumed.stdout
+  assert re.search(r'^epoch 2/2: loss \d+\.\d{3}, train acc \d\.\d{3}, test acc \d\.\d{3}, '
+                   r'\d+\.\d examples/sec on cpu:0$', resumed.stdout, re.M), resumed.stdout
   assert not (workdir / workdir_lib.OWNER_NAME).exists()  # the resumed run removed it at its end
-  finished_run_is_intact(workdir)
+  finished_run_is_intact(workdir, idx_dir)
