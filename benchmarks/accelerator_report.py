@@ -449,8 +449,9 @@ def plan_tasks(plan: Plan, torch_device: str | None, on_cpu: bool) -> list[Task]
   Correctness (with gnet-jax's first size and batch), PyTorch there, the
   book's run, both frameworks at the other sizes, torchvision's GoogLeNet
   (``plan.inception_v1``) in both frameworks, the book's other seeds,
-  larger batches, then torch.compile's max-autotune (on CPU all of
-  torch.compile goes last: it compiles for minutes there).
+  larger batches, then torch.compile's max-autotune. On a CPU, in that order
+  within each kind: gnet-jax, PyTorch, the book's runs, then all of
+  torch.compile (it compiles for minutes there).
   """
   size, first, rest = plan.sizes[0], plan.batches[0], plan.batches[1:]
   now = TORCH_EAGER + (() if on_cpu else TORCH_COMPILED[:1])
@@ -485,6 +486,11 @@ def plan_tasks(plan: Plan, torch_device: str | None, on_cpu: bool) -> list[Task]
               for d in DTYPES if (s, b) != (size, first)]
   tasks += torch_rows(plan.sizes, rest, now, plan.larger_dtypes)
   tasks += torch_rows(plan.sizes, (first,), TORCH_COMPILED if on_cpu else TORCH_COMPILED[1:])
+  if on_cpu:
+    # No accelerator's memory to hand over: one worker of each kind (each start imports and
+    # compiles again), gnet-jax's tasks, then PyTorch's, then the book's runs, torch.compile.
+    order = lambda t: (t.worker != 'jax', t.worker == 'book' or 'compile' in t.label)
+    tasks.sort(key=order)
   return tasks
 
 
