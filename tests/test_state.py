@@ -1,6 +1,9 @@
 """gnet_jax.state: building the model, optimizer and initial state from a config."""
 
+from typing import Any
+
 import chex
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -34,6 +37,35 @@ def test_init_depends_on_seed_and_path_only():
   p = a['b4']
   assert not np.array_equal(p['inception2']['p4_2']['kernel'][:, :, :1],
                             p['inception3']['p4_2']['kernel'][:, :, :1])
+
+
+def test_init_traces_a_model_once_per_image_shape(monkeypatch):
+  """The traced shapes are kept per (model, image shape): equal models share them, another
+  shape or model is traced afresh, and each call still gets new arrays."""
+  traced = []
+  real_eval_shape = jax.eval_shape
+  monkeypatch.setattr(jax, 'eval_shape', lambda *a, **k: traced.append(1) or real_eval_shape(*a, **k))
+  state._memoised_variable_shapes.cache_clear()
+  first = state.init_params(models.GoogLeNet(num_classes=7), 0, (8, 8, 1))
+  again = state.init_params(models.GoogLeNet(num_classes=7), 0, (8, 8, 1))  # an equal model
+  assert len(traced) == 1
+  chex.assert_trees_all_equal(first, again)
+  assert first['head']['kernel'] is not again['head']['kernel']
+  state.init_params(models.GoogLeNet(num_classes=7), 0, (9, 9, 1))
+  state.init_params(models.GoogLeNet(num_classes=5), 0, (8, 8, 1))
+  assert len(traced) == 3
+  listed = ListWidths(widths=[3])  # unhashable: traced every time, as before
+  assert state.init_params(listed, 0, (4, 4, 1))['Dense_0']['kernel'].shape == (1, 3)
+  state.init_params(listed, 0, (4, 4, 1))
+  assert len(traced) == 5
+
+
+class ListWidths(nn.Module):
+  widths: Any
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(self.widths[0])(x)
 
 
 def test_xavier_uniform_bounds_and_zero_biases():
