@@ -184,6 +184,7 @@ from conftest import TinyNet
 from test_train import loop_config
 from gnet_jax import train
 train.train_and_evaluate(loop_config({idx!r}), {workdir!r}, model=TinyNet(aux_heads=True))
+print('torch imported:', 'torch' in sys.modules)  # TensorBoard's writer must not import it
 '''
 
 
@@ -203,6 +204,7 @@ def test_training_is_deterministic_across_processes(idx_dir, tmp_path, monkeypat
       repo=str(REPO), tests=str(REPO / 'tests'), idx=str(idx_dir), workdir=str(tmp_path / 'b'))],
       capture_output=True, text=True, timeout=300)
   assert child.returncode == 0, child.stderr[-3000:]
+  assert child.stdout.splitlines()[-1] == 'torch imported: False'  # a second of start-up
   timing = ('examples_per_sec', 'seconds')
   rows = [[{k: v for k, v in json.loads(line).items() if k not in timing}
            for line in (tmp_path / run / 'metrics.jsonl').read_text().splitlines()]
