@@ -489,8 +489,8 @@ def plan_tasks(plan: Plan, torch_device: str | None, on_cpu: bool) -> list[Task]
   if on_cpu:
     # No accelerator's memory to hand over: one worker of each kind (each start imports and
     # compiles again), gnet-jax's tasks, then PyTorch's, then the book's runs, torch.compile.
-    order = lambda t: (t.worker != 'jax', t.worker == 'book' or 'compile' in t.label)
-    tasks.sort(key=order)
+    compiled = lambda t: t.request.get('variant', '').startswith('compile')
+    tasks.sort(key=lambda t: (t.worker != 'jax', t.worker == 'book' or compiled(t)))
   return tasks
 
 

@@ -230,7 +230,8 @@ def test_on_a_cpu_each_kind_of_worker_starts_once_before_the_books_run():
   """No device memory to hand over on a CPU: all of gnet-jax's tasks in one worker, then
   PyTorch's eager ones in one, the book's run, and torch.compile's (minutes there) last."""
   tasks = report_lib.plan_tasks(report_lib.SMOKE, 'cpu', on_cpu=True)
-  kinds = [t.worker if 'compile' not in t.label else 'torch.compile' for t in tasks]
+  kinds = ['torch.compile' if t.request.get('variant', '').startswith('compile') else t.worker
+           for t in tasks]
   runs = [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
   assert runs == ['jax', 'torch', 'book', 'torch.compile']
   # Within a kind, the order of importance stays: the probe, then the correctness checks.
