@@ -210,6 +210,30 @@ def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, log: Path,
   pytest.fail(f'no checkpoint after {timeout} s:\n' + Path(f'{log}.err').read_text()[-3000:])
 
 
+def thread_state(task: Path) -> str:
+  """One letter of /proc/PID/task/TID/stat ('' for a thread that has just ended)."""
+  try:
+    return (task / 'stat').read_text().rsplit(')', 1)[1].split()[0]
+  except (FileNotFoundError, ProcessLookupError):
+    return ''
+
+
+def pause(proc: subprocess.Popen, timeout: float = 60) -> None:
+  """SIGSTOP ``proc`` and wait until every thread has stopped.
+
+  A signal is delivered, not obeyed, when ``kill`` returns: a thread inside a system call (the
+  checkpointer's writes and renames) finishes it first, and could change the workdir after the
+  test's snapshot. Linux shows each thread's state in /proc: 'T' once it is stopped.
+  """
+  proc.send_signal(signal.SIGSTOP)
+  tasks, deadline = Path(f'/proc/{proc.pid}/task'), time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if all(thread_state(t) in ('T', 't', '') for t in tasks.iterdir()):
+      return
+    time.sleep(0.01)
+  pytest.fail(f'train.py (pid {proc.pid}) did not stop within {timeout} s of SIGSTOP')
+
+
 def finished_run_is_intact(workdir: Path, idx_dir: Path) -> None:
   """The workdir a user's run leaves: its config, both epochs' metrics, every step's point
   once (the killed run's later points cut at the resume), the plot, TensorBoard's events."""
@@ -237,7 +261,7 @@ def test_a_second_run_is_refused_and_the_killed_first_resumes_with_the_same_comm
   first = start_train(args, log)
   try:
     saved = wait_for_checkpoint(first, workdir, log)
-    first.send_signal(signal.SIGSTOP)  # mid-training, holding the lock, writing nothing
+    pause(first)  # mid-training, holding the lock, writing nothing
     before = snapshot(workdir)
     second = run_train(*args)
     assert snapshot(workdir) == before  # nothing written, the lock file untouched
