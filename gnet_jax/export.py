@@ -39,13 +39,13 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from gnet_jax import torch_files
 from gnet_jax.errors import DependencyError, InputError
 
 FORMATS = ('onnx', 'jax')
@@ -248,42 +248,14 @@ def to_onnx(config: Any, spec: Any, variables: Mapping[str, Any], meta: Mapping[
   return ir.to_proto(program.model).SerializeToString()
 
 
-def write_whole(files: Mapping[Path, bytes]) -> None:
-  """Writes each file under a temporary name beside it, then renames them all into place.
-
-  A reader never sees half a file, and a failed write leaves none (an
-  ``InputError`` naming the path).
-  """
-  umask = os.umask(0)  # temporary files are private (0600); the results get open()'s mode
-  os.umask(umask)
-  written: list[tuple[str, Path]] = []
-  path = None
-  try:
-    for path, data in files.items():
-      fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-      written.append((tmp, path))
-      with os.fdopen(fd, 'wb') as f:
-        f.write(data)
-      os.chmod(tmp, 0o666 & ~umask)
-    for tmp, path in written:
-      os.replace(tmp, path)
-  except OSError as e:
-    for tmp, _ in written:
-      Path(tmp).unlink(missing_ok=True)
-    raise InputError(f'cannot write {path} ({e.strerror or e}); choose a writable file in an '
-                     'existing folder') from None
-
-
 def check_request(fmt: str, batchnorm: str, out: str | os.PathLike) -> list[Path]:
   """The files to write; refuses a bad format, ``--batchnorm`` or output path, or a missing
   package, before anything is read."""
-  from gnet_jax import interop
-
   if fmt not in FORMATS:
     raise InputError(f'--format {fmt!r} is not one of {", ".join(FORMATS)}')
   if batchnorm not in BATCHNORM:
     raise InputError(f'--batchnorm {batchnorm!r} is not one of {", ".join(BATCHNORM)}')
-  paths = [interop.check_writable(out, f'model.{fmt}')]
+  paths = [torch_files.check_writable(out, f'model.{fmt}')]
   if fmt == 'jax':
     paths.append(metadata_path(out))
     if paths[1].is_dir():
@@ -331,7 +303,7 @@ def export_checkpoint(checkpoint: Any, fmt: str, out: str | os.PathLike,
   else:
     files = {paths[0]: to_jax(config, spec, state.variables, batchnorm),
              paths[1]: (json.dumps(meta, indent=2) + '\n').encode()}
-  write_whole(files)
+  torch_files.write_whole(files)
   return {'contract': meta, 'paths': list(files), 'bytes': [len(b) for b in files.values()]}
 
 

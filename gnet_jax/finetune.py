@@ -18,18 +18,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
 
-from gnet_jax import config as config_lib, inception_v1, state as state_lib
-from gnet_jax.errors import DependencyError, StateDictError
-
-# Keys under which training scripts commonly wrap a state dict in a checkpoint dict.
-WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model')
-
+from gnet_jax import config as config_lib, inception_v1, state as state_lib, torch_files
+from gnet_jax.errors import StateDictError
 
 class Initialised(NamedTuple):
   """What ``initialise`` did: the new host state and which blocks came from where."""
@@ -39,46 +35,6 @@ class Initialised(NamedTuple):
   fresh: list[str]  # blocks the source lacks or has in another shape
   unused: list[str]  # blocks of the source this network has not (e.g. aux heads)
   reasons: list[str]
-
-
-def _first_line(error: BaseException) -> str:
-  lines = str(error).strip().splitlines()
-  return lines[0] if lines else type(error).__name__
-
-
-def read_torch_state_dict(path: str | os.PathLike) -> dict[str, Any]:
-  """The state dict in a ``.pth`` file (or under one of ``WRAPPER_KEYS``), tensors only.
-
-  ``torch.load(weights_only=True)`` rebuilds tensors and plain containers and
-  refuses anything else; a ``module.`` prefix on every key (``DataParallel``)
-  is removed. ``StateDictError`` for a missing file, one torch cannot read, or
-  one that holds no state dict.
-  """
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise DependencyError('PyTorch is needed to read a .pth file: pip install "gnet-jax[interop]" '
-                          '(without a GPU, first: pip install torch --index-url '
-                          'https://download.pytorch.org/whl/cpu)') from None
-  path = os.fspath(path)
-  try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except  (torch's unpickler: KeyError, ... too)
-    raise StateDictError(f'--config.init_from={path}: not a PyTorch file that '
-                         f'torch.load(weights_only=True) reads ({_first_line(e)}); give a state '
-                         'dict saved with torch.save(model.state_dict(), PATH) or a gnet-jax '
-                         'workdir') from None
-  if isinstance(obj, Mapping):
-    obj = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), obj)
-  if not (isinstance(obj, Mapping) and obj and all(
-      isinstance(k, str) and hasattr(v, 'shape') for k, v in obj.items())):
-    what = (f'a dict with keys {", ".join(map(repr, list(obj)[:5]))}'
-            if isinstance(obj, Mapping) else f'a {type(obj).__name__}')
-    raise StateDictError(f'--config.init_from={path} holds {what}, not a state dict (names to '
-                         'tensors); save one with torch.save(model.state_dict(), PATH)')
-  if all(k.startswith('module.') for k in obj):
-    obj = {k[len('module.'):]: v for k, v in obj.items()}
-  return dict(obj)
 
 
 def load_variables(config: ml_collections.ConfigDict, path: str | os.PathLike) -> dict:
@@ -107,11 +63,11 @@ def load_source(config: ml_collections.ConfigDict, path: str | os.PathLike
     raise StateDictError(f'--config.init_from={path}: a torchvision state dict fits '
                          f'model inception_v1 (torchvision\'s GoogLeNet), not {config.model}; '
                          'add --config.model=inception_v1')
-  try:
-    variables = inception_v1.variables_from_torchvision(read_torch_state_dict(where))
+  state_dict = torch_files.read_state_dict(where, source=f'--config.init_from={path}')
+  try:  # a DataParallel checkpoint's keys have a 'module.' prefix
+    variables = inception_v1.variables_from_torchvision(
+        torch_files.strip_prefix(state_dict, 'module.')[0])
   except StateDictError as e:
-    if str(e).startswith('--config.init_from'):
-      raise
     raise StateDictError(f'--config.init_from={path}: {e}') from None
   imagenet = inception_v1.imagenet_classes()
   num_classes = np.shape(variables['params']['fc']['kernel'])[-1]

@@ -30,17 +30,16 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import pickle
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 
-from gnet_jax.errors import ConfigError, DependencyError, InputError, StateDictError
+from gnet_jax import torch_files
+from gnet_jax.errors import ConfigError, InputError, StateDictError
 from gnet_jax.models import B3_BLOCKS, B4_BLOCKS, B5_BLOCKS
 
 if TYPE_CHECKING:
@@ -230,7 +229,7 @@ def params_to_torch(params: Mapping[str, Any], *, numpy: bool = False) -> dict[s
                                                          order='C', copy=True)
   if numpy:
     return state_dict
-  torch = _import_torch()
+  torch = torch_files.import_torch()
   return collections.OrderedDict((k, torch.from_numpy(v)) for k, v in state_dict.items())
 
 
@@ -255,50 +254,17 @@ def merge_params(imported: Mapping[str, Any], target: Mapping[str, Any]) -> dict
   return merged
 
 
-def _import_torch():
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise DependencyError(
-        'PyTorch is needed to read or write .pt files: pip install "gnet-jax[interop]" '
-        '(on a machine without a GPU, first install the CPU build: pip install torch '
-        '--index-url https://download.pytorch.org/whl/cpu)') from None
-  return torch
-
-
 # ----------------------------------------------------------------------------- .pt files
 
-# Keys under which training scripts commonly wrap a state dict (or a model) in a checkpoint dict.
-WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model')
 # d2l 2.x (the LazyConv2d edition) names the Inception convs b1_1 ... b4_2 instead of p1_1 ... p4_2.
 _D2L2_CONV = re.compile(r'^([234]\.\d+)\.b([1-4]_[12])\.(weight|bias)$')
 
 
-def _is_state_dict(obj: Any) -> bool:
-  return isinstance(obj, Mapping) and bool(obj) and all(
-      isinstance(k, str) and hasattr(v, 'shape') for k, v in obj.items())
-
-
-def extract_state_dict(obj: Any, source: str = 'the file') -> Mapping[str, Any]:
-  """The state dict inside what ``torch.load`` returned.
-
-  Accepted: a state dict; an ``nn.Module`` (its ``state_dict()``); or a dict
-  holding either under ``'state_dict'``, ``'model_state_dict'`` or ``'model'``
-  (other entries, such as optimizer state or the epoch, are ignored).
-  """
-  if not isinstance(obj, Mapping) and callable(getattr(obj, 'state_dict', None)):
-    return obj.state_dict()
-  if _is_state_dict(obj):
-    return obj
-  if isinstance(obj, Mapping):
-    for key in WRAPPER_KEYS:
-      if key in obj:
-        return extract_state_dict(obj[key], f'{source}[{key!r}]')
-    raise StateDictError(
-        f'{source} is a dict without a state dict: its keys are '
-        f'{", ".join(repr(k) for k in list(obj)[:8])}; expected parameter tensors, or a '
-        f'state dict under one of {", ".join(repr(k) for k in WRAPPER_KEYS)}')
-  raise StateDictError(f'{source} holds a {type(obj).__name__}, not a state dict or a model')
+def load_torch_file(path: str | os.PathLike, *, trust_pickle: bool = False
+                    ) -> tuple[dict[str, Any], list[str]]:
+  """A ``.pt``/``.pth`` file (``torch_files.read_state_dict``) as a d2l-keyed state dict, and
+  notes on any key changes (``normalize_keys``)."""
+  return normalize_keys(torch_files.read_state_dict(path, trust_pickle=trust_pickle))
 
 
 def normalize_keys(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -312,8 +278,8 @@ def normalize_keys(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[
   """
   out, notes = dict(state_dict), []
   for prefix in ('module.', 'net.'):
-    if out and all(k.startswith(prefix) for k in out):
-      out = {k[len(prefix):]: v for k, v in out.items()}
+    out, removed = torch_files.strip_prefix(out, prefix)
+    if removed:
       notes.append(f'removed the {prefix!r} prefix of every key')
   renamed = {}
   for key, value in out.items():
@@ -322,101 +288,6 @@ def normalize_keys(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[
   if list(renamed) != list(out):
     notes.append("renamed the Inception convs b1_1 ... b4_2 (d2l 2.x) to p1_1 ... p4_2")
   return renamed, notes
-
-
-def load_torch_file(path: str | os.PathLike, *, trust_pickle: bool = False
-                    ) -> tuple[dict[str, Any], list[str]]:
-  """Reads a ``.pt``/``.pth`` file into a d2l-keyed state dict (see ``extract_state_dict``).
-
-  Uses ``torch.load(weights_only=True)``, which only rebuilds tensors and plain
-  containers. A whole pickled ``nn.Module`` needs full unpickling, which can run
-  arbitrary code from the file: that happens only with ``trust_pickle=True``.
-  Returns the state dict and notes on any key changes (``normalize_keys``).
-  """
-  torch = _import_torch()
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise StateDictError(f'{path}: no such file')
-  try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
-  except pickle.UnpicklingError as e:
-    # The safe loader names the class it refused ("Unsupported global" since torch 2.4,
-    # "Unsupported class" before); any other failure means the file is not a torch file.
-    if 'Unsupported global' not in str(e) and 'Unsupported class' not in str(e):
-      raise StateDictError(f'{path}: not a PyTorch file torch.load can read ({_first_line(e)})'
-                           ) from None
-    if not trust_pickle:
-      raise StateDictError(
-          f'{path} holds pickled Python objects (such as a whole model saved with '
-          'torch.save(model)), not just tensors. Unpickling it can run arbitrary code from the '
-          'file. Either re-save the weights alone, torch.save(model.state_dict(), PATH), or, if '
-          'you trust the file, pass --trust_pickle (the classes it was saved with, e.g. '
-          'Inception, must then be importable)') from None
-    try:
-      obj = torch.load(path, map_location='cpu', weights_only=False)
-    except (AttributeError, ModuleNotFoundError, ImportError) as e2:
-      raise StateDictError(
-          f'{path} is a pickled model whose classes cannot be found ({_first_line(e2)}); '
-          'load it where they are defined and save model.state_dict() instead') from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e2:
-      raise StateDictError(f'{path}: torch.load cannot read it ({_first_line(e2)})') from None
-  except Exception as e:  # pylint: disable=broad-except  (on a text file the unpickler raises
-    # KeyError; other bytes give RuntimeError, EOFError, ValueError, IndexError, ...)
-    reason = (_first_line(e) if isinstance(e, (RuntimeError, OSError, ValueError))
-              else f'{type(e).__name__} while unpickling')
-    raise StateDictError(f'{path}: not a PyTorch file torch.load can read ({reason})') from None
-  return normalize_keys(extract_state_dict(obj, path))
-
-
-def check_writable(path: str | os.PathLike, example: str = 'model.pth') -> Path:
-  """``path`` if a file can be written there (its folder exists and is writable), else
-  ``InputError``: checked before any work, so a bad ``--out`` costs nothing. ``example``:
-  the file name the message suggests when ``path`` is a folder."""
-  path = Path(path)
-  if path.is_dir():
-    raise InputError(f'{path} is a folder; give the file to write, e.g. {path / example}')
-  folder = path.parent
-  if not folder.is_dir():
-    raise InputError(f'cannot write {path}: {folder} is not a folder; create it or choose '
-                     'another file')
-  if not os.access(folder, os.W_OK | os.X_OK):
-    raise InputError(f'cannot write {path}: {folder} is not writable by this user; choose '
-                     'another file')
-  return path
-
-
-def save_torch_file(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
-  """``torch.save`` of a state dict (NumPy or torch values), loadable with ``weights_only=True``.
-
-  Written to a temporary name beside ``path`` and renamed over it, so a reader
-  never sees half a file and a failed write leaves none; a path that cannot be
-  written is an ``InputError`` naming it.
-  """
-  torch = _import_torch()
-  tensors = collections.OrderedDict(
-      (k, v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)))
-      for k, v in state_dict.items())
-  path = check_writable(path)
-  tmp = None
-  try:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp',
-                                     delete=False) as f:
-      tmp = f.name
-      torch.save(tensors, f)
-    umask = os.umask(0)  # a temporary file is private (0600); the result gets open()'s mode
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-  except OSError as e:
-    if tmp is not None:
-      Path(tmp).unlink(missing_ok=True)
-    raise InputError(f'cannot write {path} ({e.strerror or _first_line(e)}); choose a '
-                     'writable file in an existing folder') from None
-
-
-def _first_line(error: BaseException) -> str:
-  text = str(error).strip().splitlines()
-  return text[0] if text else type(error).__name__
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -618,7 +489,7 @@ def export_from_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike,
   """
   from gnet_jax import inception_v1, state as state_lib  # late import, as above
 
-  check_writable(out)
+  torch_files.check_writable(out)
   state, config, restored_step, _ = state_lib.load_checkpoint(workdir, step)
   params = state.params
   dropped: list[str] = []
@@ -631,7 +502,7 @@ def export_from_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike,
     dropped = [name for name in AUX_HEADS if name in params]
     state_dict = params_to_torch(params, numpy=True)
     network = 'the d2l GoogLeNet'
-  save_torch_file(state_dict, out)
+  torch_files.save_state_dict(state_dict, out)
   return {'step': restored_step, 'tensors': len(state_dict), 'dropped': dropped,
           'network': network, 'aux_logits': any(k.startswith('aux1.') for k in state_dict),
           'num_classes': int(state_dict['fc.weight' if 'fc.weight' in state_dict
@@ -716,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   except flags.Error as e:
-    print(f'error: {_first_line(e)}\n{USAGE}', file=sys.stderr)
+    print(f'error: {torch_files.first_line(e)}\n{USAGE}', file=sys.stderr)
     return 2
   return cli.run_command(_run, args, fv)
 

@@ -337,17 +337,6 @@ def test_an_output_path_that_cannot_be_written_is_one_error_line(book_run, tmp_p
   assert os.listdir(tmp_path) == []
 
 
-def test_a_failed_write_leaves_nothing_half_written(tmp_path):
-  first, second = tmp_path / 'model.jax', tmp_path / 'gone' / 'model.jax.json'
-  (tmp_path / 'old.onnx').write_bytes(b'old')
-  with pytest.raises(export.InputError, match='cannot write'):
-    export.write_whole({first: b'x' * 1000, second: b'{}'})
-  assert sorted(os.listdir(tmp_path)) == ['old.onnx']  # no file, no temporary
-  export.write_whole({tmp_path / 'old.onnx': b'new'})
-  assert (tmp_path / 'old.onnx').read_bytes() == b'new'
-  assert sorted(os.listdir(tmp_path)) == ['old.onnx']
-
-
 def test_a_missing_package_is_named_before_anything_is_read(book_run, tmp_path, capsys,
                                                             monkeypatch):
   real = importlib.util.find_spec

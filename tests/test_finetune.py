@@ -394,7 +394,7 @@ def save_torch(obj, path):
     ('d2l_state_dict', "not torchvision's GoogLeNet: missing state dict keys 'conv1.conv.weight'"),
     ('d2l_workdir', 'is a workdir of a d2l run; this run trains inception_v1'),
     ('list', 'holds a list, not a state dict'),
-    ('text', 'not a PyTorch file that torch.load(weights_only=True) reads'),
+    ('text', 'not a PyTorch file torch.load can read'),
     ('missing', 'no such file or folder'),
 ])
 def test_bad_init_from_is_one_error_line_and_writes_nothing(folder, quickstart_checkpoint,
@@ -434,6 +434,33 @@ def test_init_from_a_file_without_aux_heads_leaves_them_fresh(torchvision_file, 
   chex.assert_trees_all_equal(done.state.params['conv1'], imported['params']['conv1'])
   chex.assert_trees_all_equal(done.state.batch_stats['inception3a'],
                               imported['batch_stats']['inception3a'])
+
+
+def test_init_from_reads_a_training_checkpoint_of_a_data_parallel_model(torchvision_file,
+                                                                       tmp_path):
+  """The weights under 'model_state_dict' beside the optimizer's, every key 'module.'-prefixed
+  (torch's DataParallel), read as the plain file is; a whole pickled model is refused, naming
+  the flag and the conversion that can read it."""
+  import torch
+  from gnet_jax import finetune, torch_reference
+  from gnet_jax.errors import StateDictError
+  state_dict = torch.load(torchvision_file, weights_only=True)
+  wrapped = save_torch({'epoch': 3, 'optimizer': {'lr': 0.1},
+                        'model_state_dict': {f'module.{k}': v for k, v in state_dict.items()}},
+                       tmp_path / 'checkpoint.pth')
+  config = make_config()
+  got, classes = finetune.load_source(config, wrapped)
+  want, want_classes = finetune.load_source(config, torchvision_file)
+  chex.assert_trees_all_equal(got, want)
+  assert classes == want_classes and len(classes) == 1000
+  net = torch_reference.torchvision_models().googlenet(weights=None, aux_logits=False,
+                                                       init_weights=False)
+  whole = save_torch(net, tmp_path / 'whole.pth')
+  with pytest.raises(StateDictError) as refused:
+    finetune.load_source(config, whole)
+  assert str(refused.value).startswith(f'--config.init_from={whole} holds pickled Python objects')
+  assert f'python -m gnet_jax.interop import {whole} --workdir DIR --trust_pickle' in str(
+      refused.value)
 
 
 def test_imagenet_normalisation_is_fixed_and_needs_rgb(folder, idx_dir):

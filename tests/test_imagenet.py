@@ -306,16 +306,3 @@ def test_export_to_an_unwritable_path_writes_nothing(imported, tmp_path, capsys)
     assert code == 2 and err.count('\n') == 1 and err.startswith('error: '), (out, err)
     assert str(out) in err, err
   assert sorted(p.name for p in tmp_path.rglob('*')) == before
-
-
-def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
-  """A write cut short (a full disk) leaves neither the file nor its temporary."""
-  def full_disk(obj, f):
-    f.write(b'half a file')
-    raise OSError(28, 'No space left on device')
-
-  out = tmp_path / 'out.pth'
-  monkeypatch.setattr(torch, 'save', full_disk)
-  with pytest.raises(interop.InputError, match=f'cannot write {out} .No space left on device'):
-    interop.save_torch_file({'w': np.zeros(3, np.float32)}, out)
-  assert list(tmp_path.iterdir()) == []
