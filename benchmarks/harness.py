@@ -416,7 +416,7 @@ def model_flops(size: int, model: str = 'd2l') -> dict[str, float]:
   spec = data_spec(config)
   net = state_lib.create_model(config, spec)
   x = jax.ShapeDtypeStruct((1, size, size, spec.image_shape[-1]), jnp.float32)
-  variables = jax.eval_shape(net.init, jax.random.key(0), x)
+  variables = state_lib.variable_shapes(net, x.shape[1:])  # traced once per process and shape
   params, rest = variables['params'], {k: v for k, v in variables.items() if k != 'params'}
   labels = jax.ShapeDtypeStruct((1,), jnp.int32)
 

@@ -205,7 +205,7 @@ def init_params(model: nn.Module, seed: int, image_shape: Sequence[int],
   return init_variables(model, seed, image_shape, bias_init)['params']
 
 
-def _variable_shapes(model: nn.Module, image_shape: tuple[int, ...]) -> dict:
+def variable_shapes(model: nn.Module, image_shape: tuple[int, ...]) -> dict:
   """``jax.eval_shape(model.init)`` at ``image_shape``: the variables' shapes and dtypes.
 
   Memoised for hashable models (Flax modules compare by their fields): tracing
@@ -246,7 +246,7 @@ def init_variables(model: nn.Module, seed: int, image_shape: Sequence[int],
   Returns host (NumPy) arrays. ``bias_init`` is ``config.bias_init``, checked by
   ``config.validate``.
   """
-  abstract_variables = _variable_shapes(model, tuple(image_shape))
+  abstract_variables = variable_shapes(model, tuple(image_shape))
   abstract = abstract_variables['params']
   torchvision_init = isinstance(model, inception_v1.InceptionV1)
   flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
