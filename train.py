@@ -40,5 +40,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cli.collect_garbage_less_often()
   logging.set_verbosity(logging.WARNING)
   app.run(main, flags_parser=cli.parse_flags)

@@ -439,4 +439,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  from gnet_jax import cli
+  cli.collect_garbage_less_often()  # as the commands whose work a worker times
   sys.exit(main())

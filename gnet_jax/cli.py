@@ -6,6 +6,7 @@ exit status 2; any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import warnings
@@ -17,6 +18,19 @@ from gnet_jax.errors import ConfigError, InputError
 
 CONFIG_HINT = ('config keys are listed in configs/default.py and the README; '
                'override one with --config.KEY=VALUE')
+
+
+# CPython's default, (700, 10, 10), may run a full collection every 70,000 net allocations.
+# Tracing and lowering GoogLeNet allocates millions of short-lived objects and frees nearly
+# all of them by reference count, so those passes find little while walking every live object
+# (all of jax's): 10-20% of the trace and lowering time on this project's 2-core VM.
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
+def collect_garbage_less_often() -> None:
+  """``gc.set_threshold(*GC_THRESHOLDS)`` for a command's process: cycles are still
+  collected, 14x less often. Commands call it first thing; the library never does."""
+  gc.set_threshold(*GC_THRESHOLDS)
 
 
 def quiet_logs() -> None:

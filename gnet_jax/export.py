@@ -344,5 +344,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == '__main__':
   from gnet_jax import cli
+  cli.collect_garbage_less_often()
   cli.quiet_logs()
   sys.exit(main())

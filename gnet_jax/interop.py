@@ -642,5 +642,6 @@ def _run(args: list[str], fv) -> int:
 
 if __name__ == '__main__':
   from gnet_jax import cli
+  cli.collect_garbage_less_often()
   cli.quiet_logs()
   sys.exit(main())

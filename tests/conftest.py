@@ -57,7 +57,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from gnet_jax import models, ops  # noqa: E402
+from gnet_jax import cli, models, ops  # noqa: E402
+
+cli.collect_garbage_less_often()  # as the commands do: tests trace GoogLeNet often
 
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', float(_MIN_COMPILE_S))
