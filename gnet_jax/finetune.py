@@ -27,6 +27,7 @@ import numpy as np
 from gnet_jax import config as config_lib, inception_v1, state as state_lib, torch_files
 from gnet_jax.errors import StateDictError
 
+
 class Initialised(NamedTuple):
   """What ``initialise`` did: the new host state and which blocks came from where."""
 

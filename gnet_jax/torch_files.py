@@ -40,7 +40,7 @@ def first_line(error: BaseException) -> str:
   return text[0] if text else type(error).__name__
 
 
-def is_state_dict(obj: Any) -> bool:
+def _is_state_dict(obj: Any) -> bool:
   return isinstance(obj, Mapping) and bool(obj) and all(
       isinstance(k, str) and hasattr(v, 'shape') for k, v in obj.items())
 
@@ -54,7 +54,7 @@ def extract_state_dict(obj: Any, source: str = 'the file') -> Mapping[str, Any]:
   """
   if not isinstance(obj, Mapping) and callable(getattr(obj, 'state_dict', None)):
     return obj.state_dict()
-  if is_state_dict(obj):
+  if _is_state_dict(obj):
     return obj
   if isinstance(obj, Mapping):
     for key in WRAPPER_KEYS:
